@@ -1,0 +1,244 @@
+"""Packing: order samples by answer length, split into stages, write tars and the manifest.
+
+Tars are byte-reproducible: members are written in a fixed order with fixed metadata
+(mtime 0, uid/gid 0, mode 0444, ustar headers), so the same inputs give the same bytes.
+Each shard is written under a temporary name and renamed when complete; the manifest is
+written last, so a folder with a manifest is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from dataengine import schema
+from dataengine.schema import ShardInfo, StageInfo
+
+log = logging.getLogger(__name__)
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_json(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def encode_member(suffix: str, value: Any) -> bytes:
+    """Bytes of one member, by suffix. ``bytes`` pass through (thumbs, pre-encoded members)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if suffix.endswith("json"):
+        return encode_json(value)
+    if suffix.endswith("npy"):
+        return encode_npy(np.asarray(value))
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    raise TypeError(f"cannot encode member {suffix!r} of type {type(value).__name__}")
+
+
+def _member_order(sample: dict[str, Any]) -> list[str]:
+    known = [s for s in schema.MEMBER_ORDER if s in sample]
+    extra = sorted(s for s in sample if not s.startswith("__") and s not in schema.MEMBER_ORDER)
+    return known + extra
+
+
+class ShardWriter:
+    """Writes the samples of one stage into ``STAGE-NNNNNN.tar`` files of bounded size.
+
+    ``write(sample)`` takes a dict with ``__key__`` and members by suffix (``json`` dict,
+    ``feat.npy`` array, ``thumb.jpg`` bytes, ...). ``close()`` returns the stage's
+    :class:`StageInfo` for the manifest. The members of a key are written contiguously.
+    """
+
+    def __init__(self, folder: str | os.PathLike, stage: str, *, maxcount: int = 1000,
+                 maxsize: int = 1 << 30, start_index: int = 0,
+                 name: Callable[[str, int], str] = schema.shard_name):
+        if maxcount < 1 or maxsize < 1:
+            raise ValueError("maxcount and maxsize must be positive")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.stage = stage
+        self.maxcount = maxcount
+        self.maxsize = maxsize
+        self.index = start_index
+        self.name = name
+        self.info = StageInfo(name=stage)
+        self._tar: tarfile.TarFile | None = None
+        self._file = None
+        self._tmp: str | None = None
+        self._hash = None
+        self._current: ShardInfo | None = None
+
+    # -- one shard -------------------------------------------------------------------------
+    def _open(self) -> None:
+        final = self.name(self.stage, self.index)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=self.folder)
+        self._file = _HashingFile(os.fdopen(fd, "wb"))
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._current = ShardInfo(url=final, samples=0, bytes=0, sha256="",
+                                  min_answer_tokens=1 << 62, max_answer_tokens=0)
+
+    def _finish(self) -> None:
+        if self._tar is None:
+            return
+        assert self._file is not None and self._current is not None and self._tmp is not None
+        self._tar.close()  # writes the two zero end blocks and pads to the record size
+        self._file.flush_and_sync()
+        self._current.bytes = self._file.size
+        self._current.sha256 = self._file.hexdigest()
+        if self._current.samples == 0:
+            self._current.min_answer_tokens = 0
+        self._file.close()
+        os.replace(self._tmp, self.folder / self._current.url)
+        self.info.shards.append(self._current)
+        self._tar = self._file = self._tmp = self._current = None
+        self.index += 1
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must contain no '.' or '/'")
+        members = [(suffix, encode_member(suffix, sample[suffix])) for suffix in _member_order(sample)]
+        size = sum(512 + (len(data) + 511) // 512 * 512 for _, data in members)
+        if self._current is not None and (
+            self._current.samples >= self.maxcount
+            or (self._current.samples > 0 and self._file.size + size > self.maxsize)
+        ):
+            self._finish()
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None and self._current is not None
+        for suffix, data in members:
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        cur = self._current
+        tokens = int(sample.get("json", {}).get("answer_tokens", 0)) if isinstance(sample.get("json"), dict) else 0
+        cur.samples += 1
+        cur.min_answer_tokens = min(cur.min_answer_tokens, tokens)
+        cur.max_answer_tokens = max(cur.max_answer_tokens, tokens)
+        if not cur.first_key:
+            cur.first_key = key
+        cur.last_key = key
+
+    def close(self) -> StageInfo:
+        self._finish()
+        return self.info
+
+    def abort(self) -> None:
+        """Drop the shard in progress (its temp file), keeping finished ones."""
+        if self._tar is not None:
+            try:
+                self._file.close()
+            finally:
+                Path(self._tmp).unlink(missing_ok=True)
+            self._tar = self._file = self._tmp = self._current = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts what passes through."""
+
+    def __init__(self, f):
+        self._f = f
+        self._h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self._h.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush_and_sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ------------------------------------------------------------------------------ ordering
+
+@dataclass(frozen=True)
+class Split:
+    """How the sorted stream is cut into stages: by fraction of samples or by token count."""
+
+    easy_fraction: float | None = 0.65
+    split_at: int | None = None
+
+    def cut(self, answer_tokens: list[int]) -> int:
+        """Index of the first hard sample in a sorted list of answer lengths."""
+        n = len(answer_tokens)
+        if self.split_at is not None:
+            return sum(1 for t in answer_tokens if t <= self.split_at)
+        assert self.easy_fraction is not None
+        return int(round(n * self.easy_fraction))
+
+
+def order_samples(items: list[Any], answer_tokens: Callable[[Any], int], key: Callable[[Any], str]) -> list[Any]:
+    """Stream order: by answer length, ties broken by key, so the order never depends on input order."""
+    return sorted(items, key=lambda item: (answer_tokens(item), key(item)))
+
+
+def write_stages(folder: str | os.PathLike, stages: Iterable[tuple[str, Iterable[dict[str, Any]]]], *,
+                 maxcount: int = 1000, maxsize: int = 1 << 30) -> list[StageInfo]:
+    """Write each (stage name, samples) in turn; returns the manifest's stage list."""
+    out: list[StageInfo] = []
+    for name, samples in stages:
+        with ShardWriter(folder, name, maxcount=maxcount, maxsize=maxsize) as writer:
+            for sample in samples:
+                writer.write(sample)
+        out.append(writer.info)
+    return out
+
+
+def remove_stale_shards(folder: str | os.PathLike, keep: Iterable[str]) -> None:
+    """Delete shard tars and temp files of an earlier run that the new manifest does not list."""
+    keep = set(keep)
+    for path in Path(folder).iterdir():
+        stale_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
+        if stale_tmp or (path.suffix == ".tar" and path.name not in keep):
+            path.unlink(missing_ok=True)
+
+
+def iter_chunks(it: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in it:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
