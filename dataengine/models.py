@@ -12,6 +12,7 @@ The cache folder is ``$VLMR_CACHE`` or ``~/.cache/vlmr``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -61,6 +62,23 @@ spins bounces slides across the screen on a dark background. First, then, finall
 that, meanwhile. The video shows one two three shapes. Yes. No. It is. It moves.
 Context: narrative of the video clip by clip. Question: Answer:
 """.strip()
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence transformers' per-load weight reports and progress bars (not warnings of ours)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def cache_root() -> Path:
@@ -171,7 +189,8 @@ def tiny_clip_path() -> Path:
         text = dict(TINY_CLIP_TEXT, vocab_size=TINY_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=3)
         cfg = CLIPConfig(text_config=text, vision_config=TINY_CLIP_VISION,
                          projection_dim=TINY_CLIP_VISION["projection_dim"])
-        CLIPModel(cfg).save_pretrained(folder, safe_serialization=True)
+        with quiet_loading():
+            CLIPModel(cfg).save_pretrained(folder, safe_serialization=True)
         size = TINY_CLIP_VISION["image_size"]
         (folder / "preprocessor_config.json").write_text(json.dumps({
             "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
@@ -219,7 +238,8 @@ def load_vision_encoder(spec: str | os.PathLike = TINY, device: str = "cpu", dty
     path = resolve_encoder(spec)
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    model = CLIPVisionModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    with quiet_loading():  # a full CLIP folder reports its unused text tower as "unexpected"
+        model = CLIPVisionModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     return model, vision_spec(path)
 
@@ -229,7 +249,8 @@ def load_clip(spec: str | os.PathLike = TINY, device: str = "cpu"):
     from transformers import AutoTokenizer, CLIPModel
 
     path = resolve_encoder(spec)
-    model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+    with quiet_loading():
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model, tokenizer
 
@@ -249,7 +270,8 @@ def tiny_llama_path() -> Path:
         cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                           **TINY_LLAMA)
-        LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+        with quiet_loading():
+            LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
         tok.save_pretrained(folder)
 
     return _build_once("llama", config, build)
