@@ -172,10 +172,30 @@ class Dist:
 
 @dataclass
 class VideoJob:
-    video_id: str
+    """One file to decode, and every video id that resolves to it (``v1`` and ``v1.mp4``)."""
+
+    video_ids: dict[str, int]
+    """Video id -> number of samples that reference it."""
     path: Path | None
-    samples: int
     cache_key: str = ""
+
+    @property
+    def name(self) -> str:
+        return ", ".join(self.video_ids)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.video_ids.values())
+
+
+def plan_jobs(per_video: Counter, index: dict[str, Path]) -> list[VideoJob]:
+    """One job per distinct file (ids that name the same file share it); unresolved ids each get one."""
+    by_file: dict[str, VideoJob] = {}
+    for video_id, samples in sorted(per_video.items()):
+        path = ingest.resolve_video(video_id, index)
+        slot = str(path.resolve()) if path is not None else f"missing:{video_id}"
+        by_file.setdefault(slot, VideoJob({}, path)).video_ids[video_id] = samples
+    return list(by_file.values())
 
 
 def decode_settings(config: BuildConfig, encoder_identity: str, image_size: int) -> dict[str, Any]:
@@ -195,7 +215,7 @@ def encode_videos(jobs: list[VideoJob], config: BuildConfig, cache: features.Fea
     todo: list[VideoJob] = []
     for job in tqdm(jobs, desc="hash", unit="video", disable=not show_progress, leave=False):
         if job.path is None:
-            yield job, "missing", f"video {job.video_id!r} not found under {config.videos}"
+            yield job, "missing", f"video {job.name!r} not found under {config.videos}"
             continue
         try:
             job.cache_key = cache.key(decode.sha256_file(job.path), settings)
@@ -206,13 +226,12 @@ def encode_videos(jobs: list[VideoJob], config: BuildConfig, cache: features.Fea
             yield job, None, "cached"
         else:
             todo.append(job)
-    by_path = {str(job.path): job for job in todo}
     results = decode.decode_many([job.path for job in todo], workers=config.workers,
                                  frames=config.frames, clips=config.clips,
                                  clip_frames=config.clip_frames, size=encoder.image_size)
-    for path, result in tqdm(results, total=len(todo), desc="decode+encode", unit="video",
-                             disable=not show_progress):
-        job = by_path[str(path)]
+    # decode_many yields in input order, so results pair with jobs one to one.
+    for job, (_, result) in tqdm(zip(todo, results), total=len(todo), desc="decode+encode", unit="video",
+                                 disable=not show_progress):
         if isinstance(result, decode.DecodeError):
             yield job, result.reason, str(result)
             continue
@@ -281,7 +300,7 @@ def build(config: BuildConfig, dist: Dist | None = None) -> BuildSummary:
     summary.records_skipped = stats.skipped
     index = ingest.index_videos(config.videos)
     per_video = Counter(r.video_id for r in records)
-    jobs = [VideoJob(v, ingest.resolve_video(v, index), n) for v, n in sorted(per_video.items())]
+    jobs = plan_jobs(per_video, index)
     summary.seconds["ingest"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -293,10 +312,11 @@ def build(config: BuildConfig, dist: Dist | None = None) -> BuildSummary:
     outcomes = []
     for job, reason, message in encode_videos(mine, config, cache, encoder, settings,
                                               show_progress=dist.rank == 0):
-        outcomes.append({"video_id": job.video_id, "path": str(job.path) if job.path else None,
-                         "samples": job.samples, "key": job.cache_key, "reason": reason, "message": message})
+        outcomes += [{"video_id": video_id, "path": str(job.path) if job.path else None, "samples": samples,
+                      "key": job.cache_key, "reason": reason, "message": message}
+                     for video_id, samples in job.video_ids.items()]
         if reason is not None:
-            log.warning("left out %d sample(s) of %s: %s", job.samples, job.video_id, message)
+            log.warning("left out %d sample(s) of %s: %s", job.samples, job.name, message)
     summary.seconds["encode"] = time.perf_counter() - t0
     if dist.world_size > 1:
         # Each rank leaves its outcomes beside the output; rank 0 merges them after the barrier.
@@ -314,9 +334,9 @@ def build(config: BuildConfig, dist: Dist | None = None) -> BuildSummary:
     t0 = time.perf_counter()
     failed = {o["video_id"]: o for o in outcomes if o["reason"] is not None}
     keys = {o["video_id"]: o["key"] for o in outcomes if o["reason"] is None}
-    summary.videos_ok = len(keys)
-    summary.videos_failed = len(failed)
-    summary.videos_encoded = sum(1 for o in outcomes if o["message"] == "encoded")
+    summary.videos_ok = len({o["key"] for o in outcomes if o["reason"] is None})
+    summary.videos_failed = len({o["path"] or o["video_id"] for o in failed.values()})
+    summary.videos_encoded = len({o["key"] for o in outcomes if o["message"] == "encoded"})
     summary.failure_reasons = Counter(o["reason"] for o in failed.values())
     summary.samples_dropped = sum(o["samples"] for o in failed.values())
 

@@ -1,0 +1,223 @@
+"""`vlmr build-shards` end to end on the synthetic world: order, failures, resume, readability."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataengine import build, features, models, schema
+
+FRAMES, CLIPS, CLIP_FRAMES = 6, 3, 2
+
+
+def run_build(world, out, cache, **overrides):
+    settings = dict(annotations=[str(world / "annotations.json")], videos=str(world / "videos"), out=str(out),
+                    frames=FRAMES, clips=CLIPS, clip_frames=CLIP_FRAMES, maxcount=8, workers=1, cache=str(cache))
+    return build.build(build.BuildConfig(**{**settings, **overrides}))
+
+
+def stream(out):
+    """(stage, key, json) of every sample in stream order, from the tars themselves."""
+    manifest = schema.Manifest.load(out)
+    rows = []
+    for stage in manifest.stages:
+        for shard in stage.shards:
+            with tarfile.open(out / shard.url) as tar:
+                for member in tar.getmembers():
+                    if member.name.endswith(".json"):
+                        rows.append((stage.name, member.name[:-5], json.loads(tar.extractfile(member).read())))
+    return manifest, rows
+
+
+@pytest.fixture(scope="module")
+def built(synth_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "shards"
+    cache = tmp_path_factory.mktemp("cache")
+    summary = run_build(synth_world, out, cache)
+    return out, cache, summary
+
+
+def test_curriculum_order_and_sample_contents(built, synth_world):
+    out, _, summary = built
+    manifest, rows = stream(out)
+    annotations = json.loads((synth_world / "annotations.json").read_text())
+    assert manifest.samples == len(rows) == len(annotations) == sum(summary.samples.values())
+    assert [s.name for s in manifest.stages] == ["easy", "hard"]
+    tokens = [r[2]["answer_tokens"] for r in rows]
+    assert tokens == sorted(tokens)
+    easy = [t for stage, _, j in rows if stage == "easy" for t in [j["answer_tokens"]]]
+    hard = [j["answer_tokens"] for stage, _, j in rows if stage == "hard"]
+    assert max(easy) <= min(hard)
+    assert len(easy) == round(0.65 * len(rows))
+    first = rows[0][2]
+    assert set(first) >= {"id", "video_id", "source", "conversations", "answer_tokens", "stage"}
+    assert first["conversations"][0]["value"].startswith("<video>")
+    enc = features.ClipEncoder("tiny")
+    p, d = enc.vision.num_patches, enc.vision.hidden_size
+    shard = manifest.stages[0].shards[0]
+    with tarfile.open(out / shard.url) as tar:
+        key = shard.first_key
+        feat = np.load(io.BytesIO(tar.extractfile(f"{key}.feat.npy").read()), allow_pickle=False)
+        clips = np.load(io.BytesIO(tar.extractfile(f"{key}.clips.npy").read()), allow_pickle=False)
+        thumb = tar.extractfile(f"{key}.thumb.jpg").read()
+    assert feat.shape == (FRAMES + p, d) and feat.dtype == np.float16 and np.isfinite(feat).all()
+    assert clips.shape == (CLIPS, CLIP_FRAMES + p, d) and clips.dtype == np.float16
+    assert thumb[:2] == b"\xff\xd8"
+    # manifest bookkeeping agrees with the tars
+    for stage in manifest.stages:
+        for s in stage.shards:
+            keys = [k for st, k, _ in rows if st == stage.name]
+            assert s.samples <= 8
+        assert stage.shards[0].first_key == [k for st, k, _ in rows if st == stage.name][0]
+    assert manifest.settings["frames"] == FRAMES and manifest.settings["encoder"] == "tiny"
+    assert (out / "failures.jsonl").read_text() == ""
+
+
+def test_rerun_encodes_nothing_and_is_byte_identical(built, synth_world):
+    out, cache, first = built
+    before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    manifest_before = (out / "manifest.json").read_bytes()
+    again = run_build(synth_world, out, cache)
+    assert first.videos_encoded == first.videos_ok > 0
+    assert again.videos_encoded == 0 and again.videos_ok == first.videos_ok
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == before
+    assert (out / "manifest.json").read_bytes() == manifest_before
+
+
+def test_crash_mid_encode_then_resume(synth_world, tmp_path, monkeypatch, built):
+    out, cache = tmp_path / "shards", tmp_path / "cache"
+    real_put = features.FeatureCache.put
+    calls = {"n": 0}
+
+    def crashing_put(self, key, value):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        real_put(self, key, value)
+
+    monkeypatch.setattr(features.FeatureCache, "put", crashing_put)
+    with pytest.raises(KeyboardInterrupt):
+        run_build(synth_world, out, cache)
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(features.FeatureCache, "put", real_put)
+    # debris a SIGKILL could leave: a temp shard and a tar from an older, larger build
+    out.mkdir(exist_ok=True)
+    (out / ".easy-000000.tar.abc.tmp").write_bytes(b"partial")
+    (out / "hard-000099.tar").write_bytes(b"stale")
+    resumed = run_build(synth_world, out, cache)
+    assert resumed.videos_encoded == resumed.videos_ok - 2  # two were cached before the crash
+    clean = built[0]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        sorted(p.name for p in clean.iterdir() if not p.name.startswith("."))
+    for p in clean.glob("*.tar"):
+        assert (out / p.name).read_bytes() == p.read_bytes()
+
+
+def test_broken_videos_are_recorded_and_skipped(synth_world, broken_videos, tmp_path, built):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for p in (synth_world / "videos").iterdir():
+        (videos / p.name).symlink_to(p)
+    annotations = json.loads((synth_world / "annotations.json").read_text())
+    bad = {}
+    for name, (path, reason) in broken_videos.items():
+        vid = f"broken_{name}"
+        if path.exists():
+            (videos / (vid + path.suffix)).symlink_to(path)
+        bad[vid] = reason
+        annotations += [{"video_id": vid, "q": "What happens?", "a": "Nothing."}] * 2
+    ann = tmp_path / "annotations.json"
+    ann.write_text(json.dumps(annotations))
+    summary = run_build(synth_world, tmp_path / "shards", built[1], annotations=[str(ann)], videos=str(videos))
+    failures = [json.loads(line) for line in (tmp_path / "shards" / "failures.jsonl").read_text().splitlines()]
+    assert {f["video_id"] for f in failures} == set(bad)
+    assert {f["video_id"]: f["reason"] for f in failures} == bad
+    assert all(f["samples"] == 2 and f["message"] for f in failures)
+    manifest = schema.Manifest.load(tmp_path / "shards")
+    assert manifest.samples == len(annotations) - 2 * len(bad)
+    assert manifest.failures == len(bad) and summary.samples_dropped == 2 * len(bad)
+
+
+def test_other_formats_clips_off_and_token_split(synth_world, tmp_path, built):
+    captions = json.loads((synth_world / "annotations.json").read_text())
+    vids = sorted({a["video_id"] for a in captions})[:2]
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"id": f"l{i}", "video": f"{v}.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhat is shown?"}, {"from": "gpt", "value": "Shapes. " * (i + 1)}]}
+        for i, v in enumerate(vids)]))
+    nextqa = tmp_path / "nextqa.csv"
+    with open(nextqa, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["video", "question", "answer", "qid", "type", "a0", "a1", "a2", "a3", "a4"])
+        w.writerow([vids[0], "what moves first", "1", "3", "TN", "nothing", "a shape", "a car", "a dog", "rain"])
+    out = tmp_path / "shards"
+    run_build(synth_world, out, built[1], annotations=[str(llava), str(nextqa)], clips=0, split_at=2)
+    manifest, rows = stream(out)
+    assert manifest.samples == 3
+    assert all(j["answer_tokens"] <= 2 for st, _, j in rows if st == "easy")
+    assert all(j["answer_tokens"] > 2 for st, _, j in rows if st == "hard")
+    for stage in manifest.stages:
+        for shard in stage.shards:
+            with tarfile.open(out / shard.url) as tar:
+                assert not [n for n in tar.getnames() if n.endswith("clips.npy")]
+    assert set(manifest.settings["annotation_formats"].values()) == {"llava", "nextqa"}
+
+
+def test_readable_by_webdataset_tar_and_datasets(built):
+    out = built[0]
+    manifest = schema.Manifest.load(out)
+    urls = [str(out / s.url) for st in manifest.stages for s in st.shards]
+    import webdataset as wds
+
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert len(samples) == manifest.samples
+    assert samples[0]["feat.npy"].dtype == np.float16 and isinstance(samples[0]["json"], dict)
+    listing = subprocess.run(["tar", "tf", urls[0]], capture_output=True, text=True, check=True).stdout.split()
+    assert listing[0].endswith(".json") and len(listing) == 4 * manifest.stages[0].shards[0].samples
+    from datasets import load_dataset
+
+    ds = load_dataset("webdataset", data_files={"train": urls}, split="train", streaming=True)
+    rows = list(ds)
+    assert len(rows) == manifest.samples and "json" in rows[0]
+
+
+def test_config_errors_are_collected():
+    with pytest.raises(Exception) as info:
+        build.BuildConfig(annotations=[], videos="", frames=0, easy_fraction=0.5, split_at=3)
+    text = str(info.value)
+    assert "--annotations" in text and "--videos" in text and "--frames" in text and "not both" in text
+
+
+@pytest.mark.slow
+def test_two_ranks_build_the_same_shards(synth_world, tmp_path, built):
+    out = tmp_path / "shards"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dataengine.build", "--annotations", str(synth_world / "annotations.json"),
+           "--videos", str(synth_world / "videos"), "--out", str(out), "--frames", str(FRAMES),
+           "--clips", str(CLIPS), "--clip-frames", str(CLIP_FRAMES), "--maxcount", "8", "--workers", "1",
+           "--cache", str(tmp_path / "cache")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "built" in result.stdout
+    # Same samples in the same order; features agree up to thread-count float noise.
+    clean_manifest, clean_rows = stream(built[0])
+    manifest, rows = stream(out)
+    assert [(st, k) for st, k, _ in rows] == [(st, k) for st, k, _ in clean_rows]
+    assert [j for _, _, j in rows] == [j for _, _, j in clean_rows]
+    shard = manifest.stages[0].shards[0]
+    with tarfile.open(out / shard.url) as a, tarfile.open(built[0] / shard.url) as b:
+        name = f"{shard.first_key}.feat.npy"
+        fa = np.load(io.BytesIO(a.extractfile(name).read()), allow_pickle=False).astype(np.float32)
+        fb = np.load(io.BytesIO(b.extractfile(name).read()), allow_pickle=False).astype(np.float32)
+    np.testing.assert_allclose(fa, fb, atol=1e-2)
+    assert not list(out.glob(".outcomes-*"))
+    # both ranks encoded a share: the cache holds every video exactly once
+    assert len(list((tmp_path / "cache").glob("*/*/feat.npy"))) == len(list((synth_world / "videos").iterdir()))
