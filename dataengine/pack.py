@@ -103,6 +103,7 @@ class ShardWriter:
         if self._current.samples == 0:
             self._current.min_answer_tokens = 0
         self._file.close()
+        os.chmod(self._tmp, 0o644)  # mkstemp makes 0600; shards are served to and read by others
         os.replace(self._tmp, self.folder / self._current.url)
         self.info.shards.append(self._current)
         self._tar = self._file = self._tmp = self._current = None

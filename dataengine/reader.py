@@ -1,0 +1,1552 @@
+"""ShardReader: stream a shard set's stages to N ranks x W workers, in curriculum order, resumably.
+
+    reader = ShardReader("shards/demo", stages=["easy"], rank=rank, world_size=world,
+                         batch_size=16, seed=0, fields=("json", "feat"))
+    loader = StatefulDataLoader(reader, batch_size=16, num_workers=2, collate_fn=...)
+    for epoch in range(start_epoch, epochs):
+        reader.set_epoch(epoch)
+        for batch in loader: ...
+
+How it works
+------------
+**The plan.** The manifest lists every shard's sample count, so the reader knows, without
+opening a tar, that the requested stages hold N samples in stream order (stages in the
+order asked, shards in manifest order). An epoch's *global sequence* is a permutation of
+those N samples that depends only on (seed, epoch, shuffle, window, neighbourhood) — never
+on ranks, workers, pid or time:
+
+- ``shuffle="none"``: the stream order, exactly.
+- ``shuffle="window"``: the stream is cut, per stage, into windows of ``window`` consecutive
+  samples; samples are permuted within their window, and whole windows are permuted only
+  within blocks of ``neighbourhood`` consecutive windows. A sample moves at most
+  ``window * neighbourhood`` positions, so the batch at step s has answers of about the
+  length the curriculum intends at step s.
+- ``shuffle="stage"``: a uniform permutation of each stage (stages keep their order). This
+  is the one mode whose reads are not sequential: each sample is a seek (cheap on local
+  files, costly on streams).
+
+**Ranks.** The global sequence is dealt in steps of ``world_size * batch_size`` samples: at
+step s, rank r takes positions ``[s*R*b + r*b, s*R*b + (r+1)*b)``. So one global batch is a
+contiguous piece of the curriculum, and the global position after every rank consumed c
+samples (c a multiple of b) is ``R*c``, whatever R is: a resume with another world size
+re-slices the rest of the epoch from that position. **Equal work**: every rank yields
+exactly ``(N - start) // R`` samples per epoch with ``remainder="drop"`` (at most R-1
+samples are left out; the last, partial step is split evenly), or ``ceil((N - start) / R)``
+with ``remainder="repeat"`` (the missing positions repeat the epoch's sequence from its
+start). Ranges split shards freely, so this holds even with fewer shards than readers.
+
+**Workers.** A rank's samples are cut into chunks of ``batch_size``; DataLoader worker w of
+W takes chunks w, w+W, w+2W, ... Since the DataLoader collects one batch per worker in turn,
+its output is the rank's sequence exactly, for any W: set ``batch_size`` to the loader's.
+
+**Reading.** Each worker opens the shards its samples are in, in plan order, and walks
+them header by header (:mod:`dataengine.tario`): a sample it does not own is skipped at the
+tar level (a seek on seekable files, read-and-discard on streams), never decoded, and
+whole shards it does not need are never opened. Each header is parsed once; the member
+offsets found are kept for the few shards open at a time, so coming back to a sample is
+a seek to its data. With ``shuffle="window"`` a worker's jumps stay inside one window (a
+contiguous byte range): on local files it reads the window's samples in output order,
+which readahead and the page cache serve; on streams (http, fsspec, pipe) it reads them
+in file order, strictly sequentially, and holds them (at most ``window / (R * W)``
+samples) to hand them out permuted. Each member is read with one ``readinto`` into a
+buffer the returned tensor owns (buffers the consumer dropped are reused, which saves
+page faults): ``feat`` and ``clips`` are writable float16 tensors, ``json`` a dict, other
+members raw bytes. Members not in ``fields`` are not decoded, and on seekable files not
+read. A background thread reads ahead into a queue bounded in bytes (``prefetch_bytes``),
+so memory depends on that bound and the window, never on the number of shards or the
+length of the run.
+
+**Resume.** ``state_dict()`` holds (epoch, where this slicing started, samples consumed);
+``load_state_dict()`` accepts it, or a torchdata ``StatefulDataLoader`` state (the loader
+stores each worker's reader state; :func:`reader_state_from_loader` combines them into the
+rank's position). Loading the loader state into the loader resumes with the same workers;
+loading it into the reader (``reader.load_state_dict(loader.state_dict())``, before
+creating the loader) resumes with any ``num_workers``, ``world_size`` or ``batch_size``.
+
+**Corrupt data.** ``on_error="raise"`` raises :class:`ShardError` naming the shard URL and
+the member or byte offset. ``on_error="skip"`` logs the problem, counts it in
+``stats()`` and fills the lost slot with the worker's previous good sample (marked
+``substitute_for``), so every rank still yields the same count and training cannot hang.
+A broken tar structure (bad header checksum, truncation, members of one key not contiguous,
+fewer samples than the manifest lists) loses the rest of that shard, and the sample before
+a damaged header too (where it ends is unknown); a bad member (unreadable npy or json, a
+required member missing) loses one sample. Damage inside array data decodes without error:
+``verify=True`` catches it by checking each shard's sha256 against the manifest before
+streaming it (one extra read of the shard). Substitutes are duplicates: read
+``stats()["substituted"]`` before trusting a run that had any.
+
+Sources: a folder or its ``manifest.json`` as a local path, ``file://``, ``http(s)://``
+(standard library, with Range requests when the server supports them) or any fsspec URL
+whose backend is installed (``s3://`` needs s3fs, ``gs://`` gcsfs). ``pipe:COMMAND`` runs
+COMMAND (split like a shell would, never through a shell) with ``{}`` replaced by the file
+name (``manifest.json``, then each shard's URL); it needs ``allow_pipe=True``.
+
+The length guard for trainers, :class:`LengthGuard`, lives here too (the engine never
+imports ``train``): it counts a sample's tokens once video features are spliced in.
+
+Benchmark: ``python benchmarks/bench_reader.py``. Tests: ``pytest tests/test_reader.py
+tests/test_reader_dist.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import bisect
+import collections
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from dataengine import schema
+from dataengine.schema import Manifest, ShardInfo
+from dataengine.tario import TarError, TarMember, TarReader, TruncatedTarError, file_size
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "vlmr-reader/1"
+Shuffle = Literal["none", "window", "stage"]
+OnError = Literal["raise", "skip"]
+Remainder = Literal["drop", "repeat"]
+
+# Output names of the members the schema knows; any other member keeps its suffix.
+_OUTPUT_NAME = {schema.JSON: "json", schema.FEAT: "feat", schema.CLIPS: "clips"}
+_DEFAULT_REQUIRED = ("json", "feat")
+_HASH_CHUNK = 4 << 20
+_ERRORS_KEPT = 100
+
+
+class ShardError(ValueError):
+    """A shard cannot be read as the manifest says; names the URL, and the key/member or offset."""
+
+    def __init__(self, url: str, message: str, *, key: str | None = None, member: str | None = None,
+                 offset: int | None = None, reason: str = "error", whole_shard: bool = False):
+        where = [url]
+        if key is not None:
+            where.append(f"key {key!r}")
+        if member is not None:
+            where.append(f"member {member!r}")
+        if offset is not None:
+            where.append(f"byte {offset}")
+        super().__init__(f"{', '.join(where)}: {message}")
+        self.url, self.key, self.member, self.offset = url, key, member, offset
+        self.reason = reason
+        self.whole_shard = whole_shard
+
+
+# ------------------------------------------------------------------------------- sources
+
+def _scheme(url: str) -> str:
+    if url.startswith("pipe:"):
+        return "pipe"
+    parsed = urllib.parse.urlsplit(url)
+    # A one-letter scheme is a Windows drive, not a URL.
+    return parsed.scheme.lower() if len(parsed.scheme) > 1 else ""
+
+
+def _local_path(url: str) -> str | None:
+    scheme = _scheme(url)
+    if scheme == "":
+        return url
+    if scheme == "file":
+        return urllib.parse.unquote(urllib.parse.urlsplit(url).path)
+    return None
+
+
+class _HttpStream(io.RawIOBase):
+    """An HTTP(S) object read front to back; seeks by Range request when the server allows,
+    otherwise by reading and discarding (forward only, or from a new request)."""
+
+    _DISCARD_LIMIT = 1 << 20  # forward gaps up to this are read through rather than re-requested
+
+    def __init__(self, url: str, offset: int = 0, timeout: float = 60.0):
+        self.url = url
+        self.timeout = timeout
+        self.ranges: bool | None = None
+        self._resp = None
+        self._pos = 0
+        self.size: int | None = None
+        self._request(offset)
+
+    def _request(self, offset: int) -> None:
+        if self._resp is not None:
+            self._resp.close()
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            resp = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
+        except urllib.error.URLError as exc:
+            raise OSError(f"{self.url}: {exc}") from exc
+        self._resp = resp
+        self._pos = 0
+        if offset and resp.status == 206:
+            self.ranges = True
+            self._pos = offset
+        elif offset:
+            self.ranges = False
+        length = resp.headers.get("Content-Length")
+        if length is not None and self.size is None:
+            self.size = int(length) + self._pos
+        if self._pos < offset:
+            self._discard(offset - self._pos)
+
+    def _discard(self, n: int) -> None:
+        scratch = bytearray(min(n, self._DISCARD_LIMIT))
+        while n:
+            got = self.readinto(memoryview(scratch)[:min(n, len(scratch))])
+            if not got:
+                raise OSError(f"{self.url}: ends at byte {self._pos}, before the requested offset")
+            n -= got
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = self._resp.readinto(b)
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = {io.SEEK_SET: offset, io.SEEK_CUR: self._pos + offset}.get(whence)
+        if target is None:
+            raise io.UnsupportedOperation("HTTP streams seek from the start or the current position only")
+        if target == self._pos:
+            return target
+        if target > self._pos and (self.ranges is False or target - self._pos <= self._DISCARD_LIMIT):
+            self._discard(target - self._pos)
+        else:
+            self._request(target)
+        return self._pos
+
+    def close(self) -> None:
+        if self._resp is not None:
+            self._resp.close()
+            self._resp = None
+        super().close()
+
+
+class _PipeStream(io.RawIOBase):
+    """The standard output of a command (no shell); a non-zero exit is an error naming it."""
+
+    def __init__(self, command: str):
+        self.command = command
+        args = shlex.split(command)
+        if not args:
+            raise ValueError("empty pipe: command")
+        self._proc = subprocess.Popen(args, stdout=subprocess.PIPE)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readinto(self, b) -> int:
+        n = self._proc.stdout.readinto(b)
+        if not n:
+            code = self._proc.wait()
+            if code != 0:
+                raise OSError(f"pipe:{self.command}: exited with status {code}")
+        return n
+
+    def close(self) -> None:
+        if self._proc.poll() is None:  # stopped early: we do not need the rest
+            self._proc.terminate()
+        self._proc.stdout.close()
+        self._proc.wait()
+        super().close()
+
+
+def open_url(url: str, *, allow_pipe: bool = False):
+    """A readable binary file object for a local path, ``file://``, ``http(s)://``,
+    ``pipe:`` or any fsspec URL, and its size when known."""
+    path = _local_path(url)
+    if path is not None:
+        f = open(path, "rb", buffering=0)  # raw: readinto goes straight into our buffers
+        return f, file_size(f)
+    scheme = _scheme(url)
+    if scheme in ("http", "https"):
+        f = _HttpStream(url)
+        return f, f.size
+    if scheme == "pipe":
+        if not allow_pipe:
+            raise ValueError(f"{url}: pipe: sources run a command; pass allow_pipe=True to allow it")
+        return _PipeStream(url[len("pipe:"):]), None
+    import fsspec  # only for the schemes above; a missing backend names the package to install
+
+    f = fsspec.open(url, "rb").open()
+    return f, getattr(f, "size", None)
+
+
+def read_url(url: str, *, allow_pipe: bool = False) -> bytes:
+    f, _ = open_url(url, allow_pipe=allow_pipe)
+    with f:
+        chunks = []
+        while chunk := f.read(_HASH_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _manifest_location(source: str) -> tuple[str, Callable[[str], str]]:
+    """The manifest's URL and a function that resolves a shard URL relative to it."""
+    source = os.fspath(source)
+    if source.startswith("pipe:"):
+        if "{}" not in source:
+            raise ValueError(f"{source}: a pipe: source needs a {{}} where the file name goes "
+                             "(e.g. 'pipe:cat /data/set/{}')")
+        return source.replace("{}", schema.MANIFEST_NAME), lambda rel: source.replace("{}", rel)
+    path = _local_path(source)
+    if path is not None and os.path.isdir(path):
+        folder = source.rstrip("/")
+        manifest = folder + "/" + schema.MANIFEST_NAME
+    elif source.endswith(".json"):
+        manifest = source
+        folder = source.rsplit("/", 1)[0] if "/" in source else "."
+    else:  # a remote folder
+        folder = source.rstrip("/")
+        manifest = folder + "/" + schema.MANIFEST_NAME
+
+    def resolve(rel: str) -> str:
+        if _scheme(rel) or rel.startswith("/"):
+            return rel
+        return folder + "/" + rel
+
+    return manifest, resolve
+
+
+# ------------------------------------------------------------------------------ decoding
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran order, element count) of an .npy header: a Python literal,
+    never unpickled.
+
+    Cached: a shard repeats the same few headers, and parsing one costs more than reading
+    a megabyte."""
+    meta = ast.literal_eval(header.decode("latin1"))
+    dtype = np.dtype(meta["descr"])
+    shape = tuple(int(d) for d in meta["shape"])
+    if any(d < 0 for d in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    return dtype, shape, bool(meta["fortran_order"]), math.prod(shape)
+
+
+def decode_npy(buf: np.ndarray, what: str) -> torch.Tensor:
+    """A torch tensor over the data of an ``.npy`` file held in ``buf`` (uint8), no copy."""
+    raw = buf.data
+    head = raw[:12].tobytes()
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        raise ValueError(f"{what}: not an .npy file (bad magic)")
+    major = head[6]
+    if major == 1:
+        hlen, start = head[8] | head[9] << 8, 10
+    elif major in (2, 3):
+        hlen, start = int.from_bytes(head[8:12], "little"), 12
+    else:
+        raise ValueError(f"{what}: unknown .npy version {major}")
+    try:
+        dtype, shape, fortran, count = _npy_header(raw[start:start + hlen].tobytes())
+    except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError) as exc:
+        raise ValueError(f"{what}: unreadable .npy header: {exc}") from None
+    if dtype.hasobject:
+        raise ValueError(f"{what}: object arrays need pickle, which shards never use")
+    offset = start + hlen
+    if len(buf) - offset != count * dtype.itemsize:
+        raise ValueError(f"{what}: .npy data holds {len(buf) - offset} bytes, "
+                         f"shape {shape} of {dtype} needs {count * dtype.itemsize}")
+    array = buf[offset:].view(dtype).reshape(shape, order="F" if fortran else "C")
+    if not dtype.isnative:
+        array = array.astype(dtype.newbyteorder("="))
+    try:
+        return torch.from_numpy(array)
+    except TypeError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key ends at the first dot after the last slash."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+def _output_name(suffix: str) -> str:
+    return _OUTPUT_NAME.get(suffix, suffix)
+
+
+def _field_of(suffix: str, fields: tuple[str, ...] | None) -> str | None:
+    """The requested field a member belongs to, or None when it is not wanted."""
+    if fields is None:
+        return _output_name(suffix)
+    for f in fields:
+        if suffix == f or suffix.startswith(f + "."):
+            return f
+    return None
+
+
+def _nbytes(sample: dict[str, Any]) -> int:
+    total = 1024  # the dict, key and json, roughly
+    for value in sample.values():
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, (bytes, bytearray)):
+            total += len(value)
+    return total
+
+
+class _BufferPool:
+    """Reuses the buffers of members whose samples the consumer has dropped.
+
+    A fresh buffer per member costs a page fault and a page of zeroing per 4 KiB: about a
+    tenth of the read. A buffer is handed out again only once the pool holds the last
+    reference to it (every tensor over it, and every view, holds one), checked with
+    ``sys.getrefcount``; buffers of each size are tried oldest first. At most ``max_bytes``
+    are kept; past that, buffers are plain allocations the consumer owns outright.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.by_size: dict[int, collections.deque] = {}
+        self.reused = 0
+
+    def get(self, size: int) -> np.ndarray:
+        ring = self.by_size.get(size)
+        if ring:
+            oldest = ring[0]
+            # references: the ring, `oldest`, getrefcount's argument
+            if sys.getrefcount(oldest) == 3:
+                ring.rotate(-1)
+                self.reused += 1
+                return oldest
+        buf = np.empty(size, dtype=np.uint8)
+        if self.bytes + size <= self.max_bytes:
+            if ring is None:
+                ring = self.by_size[size] = collections.deque()
+            ring.append(buf)
+            self.bytes += size
+        return buf
+
+
+# ---------------------------------------------------------------------------- statistics
+
+@dataclass
+class ReaderStats:
+    """What one reader (one process or DataLoader worker) did; nothing lost goes uncounted."""
+
+    samples: int = 0
+    """Samples yielded, substitutes included."""
+    substituted: int = 0
+    """Slots filled with the previous good sample because the planned one was skipped."""
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    """Planned samples that could not be delivered, by reason."""
+    bytes_read: int = 0
+    shards_opened: int = 0
+    shards_verified: int = 0
+    members_decoded: int = 0
+    members_skipped: int = 0
+    """Members stepped over without decoding (not asked for, or not this worker's)."""
+    errors: list[str] = field(default_factory=list)
+    """The first messages of the problems behind ``skipped``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "substituted": self.substituted,
+                "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values()),
+                "bytes_read": self.bytes_read, "shards_opened": self.shards_opened,
+                "shards_verified": self.shards_verified, "members_decoded": self.members_decoded,
+                "members_skipped": self.members_skipped, "errors": list(self.errors)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ReaderStats":
+        return cls(samples=data.get("samples", 0), substituted=data.get("substituted", 0),
+                   skipped=collections.Counter(data.get("skipped", {})),
+                   bytes_read=data.get("bytes_read", 0), shards_opened=data.get("shards_opened", 0),
+                   shards_verified=data.get("shards_verified", 0),
+                   members_decoded=data.get("members_decoded", 0),
+                   members_skipped=data.get("members_skipped", 0), errors=list(data.get("errors", [])))
+
+    def add(self, other: "ReaderStats") -> None:
+        self.samples += other.samples
+        self.substituted += other.substituted
+        self.skipped.update(other.skipped)
+        self.bytes_read += other.bytes_read
+        self.shards_opened += other.shards_opened
+        self.shards_verified += other.shards_verified
+        self.members_decoded += other.members_decoded
+        self.members_skipped += other.members_skipped
+        self.errors.extend(other.errors[:max(0, _ERRORS_KEPT - len(self.errors))])
+
+
+# ---------------------------------------------------------------------------------- plan
+
+@dataclass(frozen=True)
+class _StagePlan:
+    name: str
+    start: int
+    """Global index of the stage's first sample."""
+    shards: tuple[ShardInfo, ...]
+    urls: tuple[str, ...]
+    ends: tuple[int, ...]
+    """Cumulative sample counts: shard j holds stage samples [ends[j-1], ends[j])."""
+
+    @property
+    def samples(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+
+class EpochOrder:
+    """Which sample sits at each position of one epoch's global sequence.
+
+    Depends only on the stage sizes and (shuffle, window, neighbourhood, seed, epoch); the
+    permutations come from numpy's PCG64 seeded by ``[seed, epoch, stage, kind, index]``
+    (integer arithmetic, the same on every machine).
+    """
+
+    _BLOCK, _WINDOW, _STAGE = 1, 2, 3
+
+    def __init__(self, stage_sizes: Sequence[int], *, shuffle: Shuffle, window: int,
+                 neighbourhood: int, seed: int, epoch: int):
+        self.sizes = list(stage_sizes)
+        self.starts = [0]
+        for n in self.sizes:
+            self.starts.append(self.starts[-1] + n)
+        self.total = self.starts[-1]
+        self.shuffle, self.window, self.neighbourhood = shuffle, window, neighbourhood
+        self.seed, self.epoch = seed, epoch
+        self._perms: collections.OrderedDict = collections.OrderedDict()
+
+    def _perm(self, kind: int, stage: int, index: int, n: int) -> np.ndarray:
+        key = (kind, stage, index)
+        perm = self._perms.get(key)
+        if perm is None:
+            rng = np.random.default_rng([self.seed, self.epoch, stage, kind, index])
+            perm = rng.permutation(n)
+            self._perms[key] = perm
+            if len(self._perms) > 8:
+                self._perms.popitem(last=False)
+        return perm
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(stage index, position within the stage)."""
+        stage = bisect.bisect_right(self.starts, position) - 1
+        return stage, position - self.starts[stage]
+
+    def group(self, position: int) -> tuple[int, int]:
+        """Positions with the same group are read together (one window of the sequence)."""
+        stage, p = self.locate(position)
+        return stage, (p // self.window if self.shuffle == "window" else 0)
+
+    def sample(self, position: int) -> int:
+        """The global sample index (stream order) at ``position``."""
+        if self.shuffle == "none":
+            return position
+        stage, p = self.locate(position)
+        n = self.sizes[stage]
+        if self.shuffle == "stage":
+            return self.starts[stage] + int(self._perm(self._STAGE, stage, 0, n)[p])
+        w, h = self.window, self.neighbourhood
+        full = n // w
+        slot = p // w
+        if slot < full:  # whole windows are permuted within blocks of h; a short last one stays last
+            block = slot // h
+            size = min(h, full - block * h)
+            win = block * h + int(self._perm(self._BLOCK, stage, block, size)[slot % h])
+            wsize = w
+        else:
+            win, wsize = slot, n - full * w
+        return self.starts[stage] + win * w + int(self._perm(self._WINDOW, stage, win, wsize)[p - slot * w])
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    """How the positions ``[start, total)`` of an epoch are dealt to ``world_size`` ranks.
+
+    Steps of ``world_size * batch_size`` positions; rank r takes the r-th ``batch_size`` of
+    each step; the last, partial step is split evenly. Every rank gets :attr:`per_rank`.
+    """
+
+    total: int
+    start: int
+    world_size: int
+    batch_size: int
+    remainder: Remainder
+
+    @property
+    def per_rank(self) -> int:
+        left = max(0, self.total - self.start)
+        if self.remainder == "repeat":
+            return -(-left // self.world_size)
+        return left // self.world_size
+
+    @property
+    def full_steps(self) -> int:
+        return self.per_rank // self.batch_size
+
+    def position(self, rank: int, i: int) -> int:
+        """Global sequence position of rank ``rank``'s ``i``-th sample."""
+        b, steps = self.batch_size, self.full_steps
+        q = i // b
+        if q < steps:
+            g = self.start + q * self.world_size * b + rank * b + i % b
+        else:
+            tail = self.per_rank - steps * b
+            g = self.start + steps * self.world_size * b + rank * tail + (i - steps * b)
+        return g % self.total if g >= self.total else g
+
+    def global_position(self, consumed: int) -> int | None:
+        """Where the epoch stands once every rank consumed ``consumed`` samples, or None when
+        that set is not a prefix of the sequence (a position inside a step)."""
+        if consumed >= self.per_rank:
+            return self.total
+        if consumed % self.batch_size == 0:
+            return self.start + consumed * self.world_size
+        return None
+
+
+def worker_indices(per_rank: int, offset: int, batch_size: int, worker: int, num_workers: int,
+                   skip: int = 0) -> Iterator[int]:
+    """A worker's share of a rank's samples ``[offset, per_rank)``: chunks of ``batch_size``
+    dealt round-robin, so a DataLoader's batch-by-worker output is the rank's order."""
+    n_chunks = -(-max(0, per_rank - offset) // batch_size)
+    for chunk in range(worker, n_chunks, num_workers):
+        lo = offset + chunk * batch_size
+        hi = min(lo + batch_size, per_rank)
+        if skip >= hi - lo:
+            skip -= hi - lo
+            continue
+        yield from range(lo + skip, hi)
+        skip = 0
+
+
+@dataclass(frozen=True)
+class ReadRange:
+    """A run of consecutive samples of one shard, read in one sequential pass."""
+
+    stage: str
+    url: str
+    first: int
+    """Index of the first sample within the shard."""
+    count: int
+
+
+# ------------------------------------------------------------------------------ reading
+
+class _Shard:
+    """One open shard. Walks its samples in order, parsing each header once, and keeps an
+    index of the members found (key, names, offsets), so that going back to a sample is a
+    seek to its data, and skipping one is free once it has been walked."""
+
+    def __init__(self, url: str, info: ShardInfo, stage: str, ctx: "_ReadContext"):
+        self.url, self.info, self.stage, self.ctx = url, info, stage, ctx
+        self.starts: list[int] = [0]
+        """Header offset of each sample walked so far, and of what follows the last one."""
+        self.index: list[tuple[str, list[tuple[str, TarMember]]]] = []
+        """Per sample walked: its key and its (suffix, member) list."""
+        self.seen: set[str] = set()
+        self.tar: TarReader | None = None
+        self.peeked: TarMember | None = None
+        self.at: int | None = None
+        self.broken: ShardError | None = None
+        self._counted = 0
+        self.verified = False
+
+    # -- opening and moving ----------------------------------------------------------------
+    def _open(self, offset: int) -> None:
+        self.close()
+        if self.ctx.verify and not self.verified:
+            self._verify()
+        f, size = open_url(self.url, allow_pipe=self.ctx.allow_pipe)
+        seekable = f.seekable()
+        if offset and seekable:
+            f.seek(offset)
+            self.tar = TarReader(f, self.url, offset=offset, size=size)
+        else:
+            self.tar = TarReader(f, self.url, size=size, seekable=seekable)
+            self.tar.seek(offset)  # streams read and discard up to the offset
+        self._counted = self.tar.bytes_read
+        self.ctx.stats.shards_opened += 1
+        self.peeked = None
+
+    def _verify(self) -> None:
+        digest = hashlib.sha256()
+        f, _ = open_url(self.url, allow_pipe=self.ctx.allow_pipe)
+        with f:
+            buf = bytearray(_HASH_CHUNK)
+            view = memoryview(buf)
+            while n := f.readinto(view):
+                digest.update(view[:n])
+                self.ctx.stats.bytes_read += n
+        got = digest.hexdigest()
+        if got != self.info.sha256:
+            raise ShardError(self.url, f"sha256 {got} does not match the manifest's {self.info.sha256}",
+                             reason="sha256 mismatch", whole_shard=True)
+        self.verified = True
+        self.ctx.stats.shards_verified += 1
+
+    def _seek(self, offset: int) -> None:
+        if self.tar is None or (offset < self.tar.position and not self.tar.seekable):
+            self._open(offset)
+        else:
+            self.tar.seek(offset)
+        self.peeked = None
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self._account()
+            self.tar.fileobj.close()
+            self.tar = None
+        self.at = None
+        self.peeked = None
+
+    def _account(self) -> None:
+        if self.tar is not None:
+            self.ctx.stats.bytes_read += self.tar.bytes_read - self._counted
+            self._counted = self.tar.bytes_read
+
+    # -- samples ---------------------------------------------------------------------------
+    def sample(self, i: int) -> dict[str, Any]:
+        """Sample ``i`` of this shard, decoded; raises ShardError."""
+        if self.broken is not None:
+            raise self.broken
+        try:
+            if i < len(self.index):
+                out = self._read_known(i)
+            else:  # walk on from the furthest sample known, skipping at the tar level
+                frontier = len(self.index)
+                if self.at != frontier:
+                    self._seek(self.starts[frontier])
+                    self.at = frontier
+                while self.at < i:
+                    self._walk(self.at, decode=False)
+                out = self._walk(i, decode=True)
+        except ShardError as exc:
+            if exc.whole_shard:
+                self.broken = exc
+                self.close()
+            raise
+        except (TarError, OSError) as exc:
+            reason = ("truncated tar" if isinstance(exc, TruncatedTarError)
+                      else "bad tar" if isinstance(exc, TarError) else "unreadable shard")
+            self.broken = ShardError(self.url, getattr(exc, "reason", str(exc)),
+                                     offset=getattr(exc, "offset", None), reason=reason, whole_shard=True)
+            self.close()
+            raise self.broken from exc
+        finally:
+            self._account()
+        return out
+
+    def _member(self, out: dict[str, Any], key: str, suffix: str, member: TarMember,
+                problem: ShardError | None) -> ShardError | None:
+        """Decode one member into ``out`` if wanted; returns the sample's first problem."""
+        kind = self.ctx.kind(suffix) if problem is None else None
+        if kind is None:
+            self.ctx.stats.members_skipped += 1
+            return problem
+        try:
+            assert self.tar is not None
+            self.tar.goto_data(member)
+            out[kind[0]] = self._decode(member, kind[1])
+            self.ctx.stats.members_decoded += 1
+            return None
+        except ValueError as exc:
+            if isinstance(exc, TarError):
+                raise
+            return ShardError(self.url, str(exc), key=key, member=member.name,
+                              offset=member.data_offset, reason="bad member")
+
+    def _check(self, key: str, suffixes: list[str], problem: ShardError | None) -> None:
+        if problem is None and len(set(suffixes)) != len(suffixes):
+            problem = ShardError(self.url, f"a member appears twice in one sample ({', '.join(suffixes)})",
+                                 key=key, reason="duplicate member")
+        if problem is not None:
+            raise problem
+        missing = self.ctx.missing(suffixes)
+        if missing:
+            raise ShardError(self.url, f"sample has no member for field(s) {', '.join(missing)} "
+                                       f"(members: {', '.join(sorted(suffixes))})", key=key,
+                             reason="missing member")
+
+    def _read_known(self, i: int) -> dict[str, Any]:
+        """Sample ``i``, already walked: seek to each wanted member's data, no header parsing."""
+        key, members = self.index[i]
+        first = members[0][1]
+        if self.tar is None or (first.data_offset < self.tar.position and not self.tar.seekable):
+            self._open(self.starts[i])  # a stream cannot go back: start it again there
+        out: dict[str, Any] = {"key": key, "stage": self.stage, "shard": self.url}
+        problem = None
+        for suffix, member in members:
+            problem = self._member(out, key, suffix, member, problem)
+        self.at = None
+        self.peeked = None
+        self._check(key, [suffix for suffix, _ in members], problem)
+        return out
+
+    def _walk(self, i: int, decode: bool) -> dict[str, Any] | None:
+        """Walk sample ``i``, the first not walked yet (the tar is at its first header):
+        index its members, decode them if asked, and check the shard's structure."""
+        assert self.tar is not None and i == len(self.index)
+        tar = self.tar
+        member = self.peeked if self.peeked is not None else tar.next()
+        self.peeked = None
+        if member is None:
+            raise ShardError(self.url, f"the tar ends after {i} samples; the manifest lists "
+                                       f"{self.info.samples}", offset=tar.position,
+                             reason="fewer samples than the manifest", whole_shard=True)
+        key, suffix = _split_name(member.name)
+        if key in self.seen:
+            raise ShardError(self.url, "members of this key are not contiguous "
+                                       f"(member {member.name!r} comes after other keys)",
+                             key=key, offset=member.offset, reason="non-contiguous key", whole_shard=True)
+        self.seen.add(key)
+        out: dict[str, Any] = {"key": key, "stage": self.stage, "shard": self.url}
+        members: list[tuple[str, TarMember]] = []
+        problem: ShardError | None = None
+        while True:
+            members.append((suffix, member))
+            if decode:
+                problem = self._member(out, key, suffix, member, problem)
+            else:
+                self.ctx.stats.members_skipped += 1
+            member = tar.next()
+            if member is None:
+                break
+            next_key, suffix = _split_name(member.name)
+            if next_key != key:
+                break
+        self.index.append((key, members))
+        self.starts.append(member.offset if member is not None else tar.position)
+        self.peeked = member
+        self.at = i + 1
+        if member is not None:
+            next_key = _split_name(member.name)[0]
+            if next_key in self.seen:  # a key seen before: its members were split up
+                raise ShardError(self.url, "members of this key are not contiguous "
+                                           f"(member {member.name!r} comes after key {key!r})",
+                                 key=next_key, offset=member.offset, reason="non-contiguous key",
+                                 whole_shard=True)
+            if i + 1 == self.info.samples:
+                extra = ShardError(self.url, f"the tar holds more samples than the {self.info.samples} "
+                                             "the manifest lists", key=next_key, member=member.name,
+                                   offset=member.offset, reason="extra samples")
+                if self.ctx.on_error == "raise":
+                    raise extra
+                self.ctx.stats.skipped[extra.reason] += 1  # every planned sample is read; the surplus is not
+                self.ctx.note(extra)
+        if not decode:
+            return None
+        self._check(key, [s for s, _ in members], problem)
+        return out
+
+    def _decode(self, member: TarMember, how: str) -> Any:
+        assert self.tar is not None
+        if how == "npy":  # one read straight into the buffer the tensor keeps
+            buf = self.ctx.pool.get(member.size)
+            self.tar.readinto(member, buf)
+            return decode_npy(buf, f"{self.url}: {member.name}")
+        data = self.tar.read(member)
+        if how == "json":
+            try:
+                value = json.loads(data)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{self.url}: {member.name}: invalid json: {exc}") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{self.url}: {member.name}: json is a {type(value).__name__}, "
+                                 "expected an object")
+            return value
+        return data
+
+
+@dataclass
+class _ReadContext:
+    fields: tuple[str, ...] | None
+    required: tuple[str, ...]
+    verify: bool
+    allow_pipe: bool
+    on_error: OnError
+    stats: ReaderStats
+    pool: _BufferPool
+    _kinds: dict[str, tuple[str, str] | None] = field(default_factory=dict)
+    _missing: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
+
+    def kind(self, suffix: str) -> tuple[str, str] | None:
+        """(output name, decoder) of a member suffix, or None when it is not wanted."""
+        try:
+            return self._kinds[suffix]
+        except KeyError:
+            out = None
+            if _field_of(suffix, self.fields) is not None:
+                how = "npy" if suffix.endswith("npy") else \
+                    "json" if (suffix == "json" or suffix.endswith(".json")) else "bytes"
+                out = (_output_name(suffix), how)
+            self._kinds[suffix] = out
+            return out
+
+    def missing(self, suffixes: list[str]) -> list[str]:
+        """Required fields that none of a sample's members provides."""
+        key = tuple(suffixes)
+        try:
+            return self._missing[key]
+        except KeyError:
+            out = [f for f in self.required if not any(_field_of(s, (f,)) for s in suffixes)]
+            self._missing[key] = out
+            return out
+
+    def note(self, exc: ShardError) -> None:
+        log.warning("skipped: %s", exc)
+        if len(self.stats.errors) < _ERRORS_KEPT:
+            self.stats.errors.append(str(exc))
+
+
+def _locate(stages: Sequence[_StagePlan], index: int) -> tuple[int, int, int]:
+    """(stage, shard, sample within the shard) of a global sample index."""
+    s = bisect.bisect_right([p.start for p in stages], index) - 1 if len(stages) > 1 else 0
+    stage = stages[s]
+    p = index - stage.start
+    j = bisect.bisect_right(stage.ends, p)
+    return s, j, p - (stage.ends[j - 1] if j else 0)
+
+
+class _Fetcher:
+    """Global sample index -> decoded sample. Keeps the few most recently used shards open
+    (a window may span two or three shards), with the sample offsets found in them."""
+
+    _KEEP = 4
+
+    def __init__(self, stages: Sequence[_StagePlan], ctx: _ReadContext):
+        self.stages = stages
+        self.ctx = ctx
+        self._shards: collections.OrderedDict[tuple[int, int], _Shard] = collections.OrderedDict()
+        self._verified: set[tuple[int, int]] = set()
+
+    def shard(self, s: int, j: int) -> _Shard:
+        key = (s, j)
+        shard = self._shards.get(key)
+        if shard is None:
+            stage = self.stages[s]
+            shard = _Shard(stage.urls[j], stage.shards[j], stage.name, self.ctx)
+            shard.verified = key in self._verified
+            self._shards[key] = shard
+            if len(self._shards) > self._KEEP:
+                old_key, old = self._shards.popitem(last=False)
+                if old.verified:  # a shard read again later is not hashed again
+                    self._verified.add(old_key)
+                old.close()
+        else:
+            self._shards.move_to_end(key)
+        return shard
+
+    def fetch(self, index: int) -> dict[str, Any] | _Skip:
+        """The sample, or a :class:`_Skip` when ``on_error="skip"`` (counted and logged)."""
+        s, j, i = _locate(self.stages, index)
+        shard = self.shard(s, j)
+        try:
+            return shard.sample(i)
+        except ShardError as exc:
+            if self.ctx.on_error == "raise":
+                raise
+            self.ctx.stats.skipped[exc.reason] += 1
+            if not getattr(exc, "noted", False):  # a broken shard is logged once, counted per sample
+                self.ctx.note(exc)
+                exc.noted = True
+            return _Skip(f"{shard.url}#{i}")
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+        self._shards.clear()
+
+
+class _BytesQueue:
+    """A FIFO between the prefetch thread and the consumer, bounded by the bytes of the
+    items in it or handed out and not yet released (one item may exceed the bound).
+
+    A consumer that finds it empty waits until a quarter of the bound is ready (or the
+    producer finished, or is blocked) and takes all of it: one wake-up and GIL hand-off per
+    batch rather than per sample, which is what a fast consumer would otherwise pay.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.low = max(1, max_bytes // 4)
+        self.items: collections.deque = collections.deque()
+        self.bytes = 0
+        self.peak_bytes = 0
+        self.cond = threading.Condition()
+        self.closed = False
+        self.done = False
+        self.blocked = False
+        self.started = False
+
+    def put(self, item: Any, size: int, last: bool = False) -> bool:
+        with self.cond:
+            while self.bytes and self.bytes + size > self.max_bytes and not self.closed:
+                self.blocked = True
+                self.cond.notify_all()
+                self.cond.wait()
+            self.blocked = False
+            if self.closed:
+                return False
+            self.items.append((item, size))
+            self.bytes += size
+            self.peak_bytes = max(self.peak_bytes, self.bytes)
+            self.done = self.done or last
+            if self.bytes >= self.low or last or not self.started:
+                self.cond.notify_all()
+            return True
+
+    def take(self) -> list[tuple[Any, int]]:
+        """Everything queued, once there is enough; release each item's size when done."""
+        with self.cond:
+            while not self.items or not (self.bytes >= self.low or self.done or self.blocked
+                                         or not self.started):
+                self.cond.wait()
+            self.started = True
+            out = list(self.items)
+            self.items.clear()
+            return out
+
+    def release(self, size: int) -> None:
+        with self.cond:
+            self.bytes -= size
+            if self.blocked:
+                self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.items.clear()
+            self.bytes = 0
+            self.cond.notify_all()
+
+
+_END = object()
+
+
+# ------------------------------------------------------------------------------- reader
+
+@dataclass
+class _Resume:
+    """Where the next iteration of the current epoch starts."""
+
+    start: int = 0
+    """Global position at which the current slicing of the epoch began."""
+    offset: int = 0
+    """Samples of the rank's slice consumed before this iteration (all workers together)."""
+    worker_skips: dict[int, int] | None = None
+    """Per worker, samples of its own share already consumed (a same-workers resume)."""
+    num_workers: int = 1
+
+
+class ShardReader(IterableDataset):
+    """Streams the samples of ``stages`` of a shard set; see the module docstring.
+
+    Args:
+        source: a shard folder or its manifest.json (path, file://, http(s)://, fsspec URL,
+            or ``pipe:COMMAND {}`` with ``allow_pipe=True``).
+        stages: stage names in the order to stream them.
+        rank, world_size: this process's place in distributed training.
+        batch_size: the per-rank batch size the DataLoader uses (1 when it yields samples);
+            it sets how a step is dealt to ranks and a rank's samples to workers.
+        shuffle, window, neighbourhood, seed, epoch: the epoch's global sequence.
+        remainder: ``"drop"`` (each rank gets ``N // R``) or ``"repeat"`` (``ceil(N / R)``,
+            repeating the sequence from its start).
+        fields: members to decode (``"json"``, ``"feat"``, ``"clips"``, ``"thumb"``, ... or
+            full suffixes); others are skipped unread on seekable files. None: every member,
+            requiring json and feat.
+        on_error: ``"raise"``, or ``"skip"`` (log, count, fill the slot; see the docstring).
+        verify: check each shard's sha256 against the manifest before streaming it.
+        prefetch_bytes: bound of the read-ahead queue; 0 reads in the consuming thread.
+        guard: optional per-sample function (e.g. :meth:`LengthGuard.apply`) run while
+            reading; a None result counts as a skipped sample and its slot is filled.
+        allow_pipe: allow ``pipe:`` sources, which run a command.
+    """
+
+    def __init__(self, source: str | os.PathLike, *, stages: Sequence[str], rank: int = 0,
+                 world_size: int = 1, batch_size: int = 1, shuffle: Shuffle = "window",
+                 window: int = 64, neighbourhood: int = 4, seed: int = 0, epoch: int = 0,
+                 remainder: Remainder = "drop", fields: Sequence[str] | None = None,
+                 on_error: OnError = "raise", verify: bool = False, prefetch_bytes: int = 64 << 20,
+                 guard: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+                 allow_pipe: bool = False):
+        problems = []
+        if isinstance(stages, str) or not stages:
+            problems.append(f"stages must be a non-empty list of names, got {stages!r}")
+        if not (world_size >= 1 and 0 <= rank < world_size):
+            problems.append(f"rank {rank} outside world_size {world_size}")
+        if batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {batch_size}")
+        if shuffle not in ("none", "window", "stage"):
+            problems.append(f"shuffle must be none|window|stage, got {shuffle!r}")
+        if window < 1 or neighbourhood < 1:
+            problems.append("window and neighbourhood must be >= 1")
+        if seed < 0 or epoch < 0:
+            problems.append("seed and epoch must be >= 0")
+        if remainder not in ("drop", "repeat"):
+            problems.append(f"remainder must be drop|repeat, got {remainder!r}")
+        if on_error not in ("raise", "skip"):
+            problems.append(f"on_error must be raise|skip, got {on_error!r}")
+        if prefetch_bytes < 0:
+            problems.append("prefetch_bytes must be >= 0")
+        if problems:
+            raise ValueError("ShardReader: " + "; ".join(problems))
+        self.source = os.fspath(source)
+        if self.source.startswith("pipe:") and not allow_pipe:
+            raise ValueError(f"{self.source}: pipe: sources run a command; pass allow_pipe=True to allow it")
+        self.allow_pipe = allow_pipe
+        manifest_url, resolve = _manifest_location(self.source)
+        self.manifest_url = manifest_url
+        self.manifest = Manifest.from_dict(json.loads(read_url(manifest_url, allow_pipe=allow_pipe)),
+                                           origin=manifest_url)
+        self.stages = list(stages)
+        plans, start = [], 0
+        for name in self.stages:
+            info = self.manifest.stage(name)
+            ends, total = [], 0
+            for shard in info.shards:
+                total += shard.samples
+                ends.append(total)
+            plans.append(_StagePlan(name=name, start=start, shards=tuple(info.shards),
+                                    urls=tuple(resolve(s.url) for s in info.shards), ends=tuple(ends)))
+            start += total
+        self._plans = tuple(plans)
+        self._local = all(_local_path(url) is not None for p in plans for url in p.urls)
+        self.total = start
+        if self.total == 0:
+            raise ValueError(f"{manifest_url}: stages {self.stages} hold no samples")
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.shuffle, self.window, self.neighbourhood = shuffle, window, neighbourhood
+        self.seed, self.epoch, self.remainder = seed, epoch, remainder
+        self.fields = None if fields is None else tuple(fields)
+        self.required = _DEFAULT_REQUIRED if fields is None else self.fields
+        self.on_error, self.verify = on_error, verify
+        self.prefetch_bytes = prefetch_bytes
+        self.guard = guard
+        self._resume = _Resume()
+        self._progress = {"worker": 0, "num_workers": 1, "yielded": 0}
+        self._stats = ReaderStats()
+        self.peak_prefetch_bytes = 0
+
+    # -- the plan --------------------------------------------------------------------------
+    def order(self, epoch: int | None = None) -> EpochOrder:
+        return EpochOrder([p.samples for p in self._plans], shuffle=self.shuffle, window=self.window,
+                          neighbourhood=self.neighbourhood, seed=self.seed,
+                          epoch=self.epoch if epoch is None else epoch)
+
+    def rank_slice(self, start: int = 0) -> RankSlice:
+        return RankSlice(self.total, start, self.world_size, self.batch_size, self.remainder)
+
+    def __len__(self) -> int:
+        """Samples every rank yields in a full epoch."""
+        return self.rank_slice().per_rank
+
+    def sequence(self, epoch: int | None = None, *, rank: int | None = None) -> list[int]:
+        """The global sample indices a rank yields in a full epoch, in order (for inspection)."""
+        order, sl = self.order(epoch), self.rank_slice()
+        r = self.rank if rank is None else rank
+        return [order.sample(sl.position(r, i)) for i in range(sl.per_rank)]
+
+    def plan(self, epoch: int | None = None, *, rank: int | None = None, worker: int = 0,
+             num_workers: int = 1) -> list[ReadRange]:
+        """The contiguous sample ranges one (rank, worker) reads in an epoch, in read order
+        (file order within a window on streams, output order elsewhere)."""
+        order, sl = self.order(epoch), self.rank_slice()
+        r = self.rank if rank is None else rank
+        ranges: list[ReadRange] = []
+        for group in self._groups(order, sl, r, worker_indices(sl.per_rank, 0, self.batch_size,
+                                                                worker, num_workers)):
+            indices = [index for _, index in group]
+            if self.shuffle == "window" and not self._local:
+                indices.sort()
+            for index in indices:
+                s, j, i = _locate(self._plans, index)
+                plan = self._plans[s]
+                last = ranges[-1] if ranges else None
+                if last and last.url == plan.urls[j] and last.first + last.count == i:
+                    ranges[-1] = ReadRange(last.stage, last.url, last.first, last.count + 1)
+                else:
+                    ranges.append(ReadRange(plan.name, plan.urls[j], i, 1))
+        return ranges
+
+    def _groups(self, order: EpochOrder, sl: RankSlice, rank: int,
+                indices: Iterable[int]) -> Iterator[list[tuple[int, int]]]:
+        """(local index, sample) in output order, grouped by window (window shuffle) or one
+        by one (the other modes read in output order)."""
+        group: list[tuple[int, int]] = []
+        current = None
+        for i in indices:
+            position = sl.position(rank, i)
+            g = order.group(position) if self.shuffle == "window" else None
+            if group and (g != current or self.shuffle != "window"):
+                yield group
+                group = []
+            current = g
+            group.append((i, order.sample(position)))
+        if group:
+            yield group
+
+    # -- epochs and state ------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Call at the start of every epoch. Another epoch starts from its beginning; the
+        epoch the reader is already at keeps a position loaded by :meth:`load_state_dict`."""
+        if epoch < 0:
+            raise ValueError("epoch must be >= 0")
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._resume = _Resume()
+
+    def _plan_identity(self) -> dict[str, Any]:
+        return {"stages": list(self.stages), "samples": self.total, "shuffle": self.shuffle,
+                "window": self.window, "neighbourhood": self.neighbourhood, "seed": self.seed,
+                "remainder": self.remainder}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This reader's position (in a DataLoader worker: that worker's) and statistics."""
+        return {"format": STATE_FORMAT, "plan": self._plan_identity(), "epoch": self.epoch,
+                "world_size": self.world_size, "rank": self.rank, "batch_size": self.batch_size,
+                "start": self._resume.start, "offset": self._resume.offset,
+                "worker": self._progress["worker"], "num_workers": self._progress["num_workers"],
+                "yielded": self._progress["yielded"], "stats": self._stats.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from a reader state or a ``StatefulDataLoader`` state (see module docstring)."""
+        states = _reader_states(state)
+        first = states[0]
+        mismatch = [f"{k}: saved {first['plan'].get(k)!r}, now {v!r}"
+                    for k, v in self._plan_identity().items() if first["plan"].get(k) != v]
+        if mismatch:
+            raise ValueError("reader state belongs to another plan: " + "; ".join(mismatch))
+        info = get_worker_info()
+        if (len(states) == 1 and first["num_workers"] > 1 and info is not None
+                and info.id == first["worker"] and info.num_workers == first["num_workers"]
+                and first["world_size"] == self.world_size and first["batch_size"] == self.batch_size):
+            # StatefulDataLoader restoring one of its own workers: continue that worker's share.
+            self.epoch = first["epoch"]
+            self._resume = _Resume(first["start"], first["offset"], {first["worker"]: first["yielded"]},
+                                   first["num_workers"])
+            self._stats = ReaderStats.from_dict(first.get("stats", {}))
+            return
+        position = reader_state_from_loader(state) if len(states) > 1 or "format" not in state else first
+        if position["num_workers"] > 1 and len(states) == 1:
+            raise ValueError("this is one DataLoader worker's reader state; pass the loader's whole "
+                             "state_dict() so the workers' positions can be combined")
+        consumed = position["offset"] + position["yielded"]
+        self.epoch = position["epoch"]
+        self._stats = ReaderStats.from_dict(position.get("stats", {}))
+        if position["world_size"] == self.world_size and position["batch_size"] == self.batch_size:
+            self._resume = _Resume(position["start"], consumed)
+            return
+        saved = RankSlice(self.total, position["start"], position["world_size"], position["batch_size"],
+                          self.remainder)
+        global_position = saved.global_position(consumed)
+        if global_position is None:
+            raise ValueError(f"cannot re-slice for world_size {self.world_size} / batch_size "
+                             f"{self.batch_size}: the state is {consumed % position['batch_size']} samples "
+                             "into a step; save at a batch boundary")
+        self._resume = _Resume(start=global_position)
+
+    def stats(self) -> dict[str, Any]:
+        """What this reader did (in the main process; worker stats travel in the loader's
+        state, see :func:`stats_from_loader`)."""
+        return self._stats.to_dict()
+
+    # -- iteration -------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        resume = self._resume
+        skip = 0
+        if resume.worker_skips is not None:
+            if resume.num_workers != num_workers:
+                raise ValueError(f"state saved with {resume.num_workers} workers, loaded into {num_workers}")
+            skip = resume.worker_skips.get(worker, 0)
+        sl = self.rank_slice(resume.start)
+        indices = worker_indices(sl.per_rank, resume.offset, self.batch_size, worker, num_workers, skip)
+        self._progress = {"worker": worker, "num_workers": num_workers, "yielded": skip}
+        groups = self._groups(self.order(), sl, self.rank, indices)
+        return self._deliver(groups)
+
+    def _produce(self, groups: Iterable[list[tuple[int, int]]], ctx: _ReadContext) -> Iterator[Any]:
+        """Read every group in file order; yield its samples (a :class:`_Skip` for a lost one)
+        in output order. Runs in the prefetch thread, or in the consumer's."""
+        fetcher = _Fetcher(self._plans, ctx)
+        try:
+            for group in groups:
+                if len(group) == 1 or self._local or self.shuffle != "window":
+                    # In output order. For a window on local files the jumps stay inside one
+                    # window's byte range, which readahead and the page cache serve; holding
+                    # the window's samples to permute them would cost memory and page faults.
+                    samples: Iterable[Any] = (fetcher.fetch(index) for _, index in group)
+                else:
+                    # Streams: read the window's samples in file order (strictly sequential),
+                    # hand them out permuted.
+                    read = {}
+                    for k in sorted(range(len(group)), key=lambda k: group[k][1]):
+                        read[k] = fetcher.fetch(group[k][1])
+                    samples = (read.pop(k) for k in range(len(group)))
+                for sample in samples:
+                    if not isinstance(sample, _Skip) and self.guard is not None:
+                        guarded = self.guard(sample)
+                        if guarded is None:
+                            ctx.stats.skipped["length guard"] += 1
+                            guarded = _Skip(f"{sample['shard']}#{sample['key']}")
+                        sample = guarded
+                    yield sample
+        finally:
+            fetcher.close()
+
+    def _deliver(self, groups: Iterable[list[tuple[int, int]]]) -> Iterator[dict[str, Any]]:
+        ctx = _ReadContext(fields=self.fields, required=self.required, verify=self.verify,
+                           allow_pipe=self.allow_pipe, on_error=self.on_error, stats=self._stats,
+                           pool=_BufferPool(self.prefetch_bytes + (32 << 20)))
+        produced = self._produce(groups, ctx)
+        queue = None
+        if self.prefetch_bytes:
+            queue = _BytesQueue(self.prefetch_bytes)
+            items: Iterator[Any] = _threaded(produced, queue)
+        else:
+            items = produced
+        last_good: dict[str, Any] | None = None
+        owed: list[str] = []
+        try:
+            for sample in items:
+                if isinstance(sample, _Skip):  # fill the slot so every rank yields the same count
+                    if last_good is None:
+                        owed.append(sample.what)
+                        continue
+                    sample = dict(last_good, substitute_for=sample.what)
+                    self._stats.substituted += 1
+                else:
+                    last_good = sample
+                    for what in owed:
+                        self._stats.substituted += 1
+                        self._progress["yielded"] += 1
+                        self._stats.samples += 1
+                        yield dict(sample, substitute_for=what)
+                    owed = []
+                self._progress["yielded"] += 1
+                self._stats.samples += 1
+                yield sample
+            if owed:
+                raise ShardError(self.manifest_url, f"no readable sample to fill {len(owed)} skipped "
+                                                    f"slot(s); errors: {self._stats.errors[:3]}")
+        finally:
+            if queue is not None:
+                queue.close()
+                items.close()  # joins the prefetch thread, which closes the producer
+                self.peak_prefetch_bytes = max(self.peak_prefetch_bytes, queue.peak_bytes)
+            else:
+                produced.close()
+
+
+@dataclass(frozen=True)
+class _Skip:
+    """A planned sample that could not be delivered (already counted and logged)."""
+
+    what: str
+    """``URL#index`` of the lost sample, or ``URL#key``."""
+
+
+def _threaded(produced: Iterator[Any], queue: _BytesQueue) -> Iterator[Any]:
+    """Drive the producer in a background thread that reads ahead into a bytes-bounded queue."""
+    def run() -> None:
+        try:
+            for item in produced:
+                size = 1024 if isinstance(item, _Skip) else _nbytes(item)
+                if not queue.put(item, size):
+                    return  # the consumer stopped
+            queue.put(_END, 0, last=True)
+        except BaseException as exc:  # handed to the consumer and raised there
+            queue.put(exc, 0, last=True)
+        finally:
+            produced.close()  # in this thread, which runs it: closes the open shard
+
+    thread = threading.Thread(target=run, name="ShardReader-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            for item, size in queue.take():
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                queue.release(size)
+    finally:
+        queue.close()
+        thread.join()
+
+
+# --------------------------------------------------------------------- loader state
+
+def _reader_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The reader states inside a reader or StatefulDataLoader state, one per worker."""
+    if state.get("format") == STATE_FORMAT:
+        return [state]
+    if "_snapshot" in state:  # multi-process StatefulDataLoader
+        workers = state["_snapshot"]["_worker_snapshots"]
+        out = [workers[k].get("dataset_state") for k in sorted(workers, key=lambda k: int(k.split("_")[-1]))]
+    else:
+        out = [state.get("dataset_state")]
+    if not out or any(not isinstance(s, dict) or s.get("format") != STATE_FORMAT for s in out):
+        raise ValueError("not a ShardReader state nor a StatefulDataLoader state over a ShardReader")
+    return out
+
+
+def reader_state_from_loader(state: dict[str, Any]) -> dict[str, Any]:
+    """A rank-level reader state (``num_workers`` 1) from a ``StatefulDataLoader`` state.
+
+    The loader hands batches out from its workers in turn, so the rank consumed exactly the
+    first ``offset + sum(yielded)`` samples of its slice; batches yielded after the loader's
+    last snapshot (``snapshot_every_n_steps`` > 1) are added as whole batches.
+    """
+    states = _reader_states(state)
+    first = states[0]
+    for key in ("epoch", "start", "offset", "world_size", "batch_size", "num_workers"):
+        if any(s[key] != first[key] for s in states):
+            raise ValueError(f"worker states disagree on {key}")
+    num_workers = first["num_workers"]
+    if len(states) != num_workers:
+        raise ValueError(f"{len(states)} worker states for num_workers {num_workers}")
+    b = first["batch_size"]
+    yielded = [s["yielded"] for s in states]
+    consumed_chunks = sum(-(-y // b) for y in yielded)
+    for w, y in enumerate(yielded):  # round-robin: worker w holds chunks w, w+W, ... below the total
+        expected_chunks = max(0, -(-(consumed_chunks - w) // num_workers))
+        if -(-y // b) != expected_chunks:
+            raise ValueError("worker positions are not a prefix of the rank's sequence "
+                             "(was the loader created with in_order=False?)")
+    total = sum(yielded) + state.get("_steps_since_snapshot", 0) * b
+    stats = ReaderStats()
+    for s in states:
+        stats.add(ReaderStats.from_dict(s.get("stats", {})))
+    return dict(first, worker=0, num_workers=1, yielded=total, stats=stats.to_dict())
+
+
+def stats_from_loader(state: dict[str, Any]) -> dict[str, Any]:
+    """All workers' reader statistics from a ``StatefulDataLoader`` state, summed."""
+    stats = ReaderStats()
+    for s in _reader_states(state):
+        stats.add(ReaderStats.from_dict(s.get("stats", {})))
+    return stats.to_dict()
+
+
+# ---------------------------------------------------------------------------- length guard
+
+def _simple_render(conversations: Sequence[dict[str, Any]]) -> str:
+    roles = {"human": "USER", "user": "USER", "gpt": "ASSISTANT", "assistant": "ASSISTANT"}
+    return " ".join(f"{roles.get(t.get('from'), t.get('from'))}: {t.get('value', '')}" for t in conversations)
+
+
+class LengthGuard:
+    """Decides, from the sample alone (so every rank decides the same), whether a sample fits
+    ``max_length`` once each ``<video>`` placeholder becomes ``feat`` rows of video tokens.
+
+    ``tokens(sample)`` = tokens of the rendered conversation - placeholders x (tokens of one
+    placeholder) + placeholders x video tokens (rows of ``feat``, or ``video_tokens``).
+    ``apply(sample)`` returns the sample, a copy whose last answer is cut to fit
+    (``policy="truncate"``), or None (``policy="skip"``, or when even an empty answer does
+    not fit); :attr:`counts` says how many of each.
+
+    ``render`` turns a conversation into the text the trainer tokenizes (pass the trainer's
+    chat template); the default joins ``USER: ... ASSISTANT: ...``. ``count`` counts a
+    text's tokens as the trainer does; the default is ``len(tokenizer(text).input_ids)``.
+    """
+
+    def __init__(self, tokenizer, max_length: int, *, render: Callable[[Sequence[dict]], str] | None = None,
+                 count: Callable[[str], int] | None = None, video_token: str = "<video>",
+                 video_tokens: int | None = None, policy: Literal["skip", "truncate"] = "skip"):
+        if max_length < 1:
+            raise ValueError("max_length must be >= 1")
+        if policy not in ("skip", "truncate"):
+            raise ValueError(f"policy must be skip|truncate, got {policy!r}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.render = render or _simple_render
+        self.count = count or (lambda text: len(tokenizer(text)["input_ids"]))
+        self.video_token = video_token
+        self.video_tokens = video_tokens
+        self.policy = policy
+        self.placeholder_tokens = len(tokenizer(video_token, add_special_tokens=False)["input_ids"])
+        self.counts = collections.Counter()
+
+    def _rows(self, sample: dict[str, Any]) -> int:
+        feat = sample.get("feat")
+        if feat is not None:
+            return int(feat.shape[0])
+        if self.video_tokens is None:
+            raise ValueError(f"sample {sample.get('key')!r} has no feat; pass video_tokens= to the guard")
+        return self.video_tokens
+
+    def _length(self, conversations: Sequence[dict[str, Any]], rows: int) -> int:
+        text = self.render(conversations)
+        placeholders = text.count(self.video_token)
+        return self.count(text) - placeholders * self.placeholder_tokens + placeholders * rows
+
+    def tokens(self, sample: dict[str, Any]) -> int:
+        """The sequence length the model sees for this sample."""
+        return self._length(sample["json"]["conversations"], self._rows(sample))
+
+    def apply(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        rows = self._rows(sample)
+        conversations = sample["json"]["conversations"]
+        length = self._length(conversations, rows)
+        if length <= self.max_length:
+            self.counts["fit"] += 1
+            return sample
+        if self.policy == "truncate":
+            cut = self._truncate(conversations, rows)
+            if cut is not None:
+                self.counts["truncated"] += 1
+                data = dict(sample["json"], conversations=cut, truncated_from_tokens=length)
+                return dict(sample, json=data)
+        self.counts["dropped"] += 1
+        log.info("length guard: dropping %s (%d tokens > %d)", sample.get("key"), length, self.max_length)
+        return None
+
+    def _truncate(self, conversations: Sequence[dict[str, Any]], rows: int) -> list[dict[str, Any]] | None:
+        """The conversation with its last answer cut to the longest prefix (in tokens) that
+        fits, or None when no prefix fits."""
+        last = max((k for k, t in enumerate(conversations) if t.get("from") in ("gpt", "assistant")),
+                   default=None)
+        if last is None:
+            return None
+        ids = self.tokenizer(conversations[last]["value"], add_special_tokens=False)["input_ids"]
+
+        def with_answer(n: int) -> list[dict[str, Any]]:
+            turns = [dict(t) for t in conversations[:last + 1]]
+            turns[last]["value"] = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+            return turns
+
+        lo, hi = 0, len(ids)  # invariant: the answer cut to lo tokens fits, to hi+1 does not
+        if self._length(with_answer(0), rows) > self.max_length:
+            return None
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._length(with_answer(mid), rows) <= self.max_length:
+                lo = mid
+            else:
+                hi = mid - 1
+        return with_answer(lo)
