@@ -11,7 +11,8 @@ the HTML report is drawn by :mod:`dataengine.report`::
     vlmr inspect shards/demo report --out r/  # static HTML page with pictures
 
 A SOURCE is a shard folder, its ``manifest.json``, or a URL of either (``http(s)://``,
-``file://`` or any scheme fsspec knows).
+``file://`` or any scheme fsspec knows), opened by :mod:`dataengine.sources` exactly as the
+reader opens it (``pipe:`` sources are refused: they run a command).
 
 How: every pass streams the tars in stream order through :func:`scan_tar`, which walks the
 headers with :class:`dataengine.tario.TarReader`, reads only the members asked for (the
@@ -34,9 +35,6 @@ import json
 import logging
 import math
 import os
-import re
-import urllib.parse
-import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +44,8 @@ import numpy as np
 
 from dataengine import schema, tario
 from dataengine.schema import Manifest, ShardInfo, StageInfo
+from dataengine.sources import SourceError  # noqa: F401  (re-exported: `vlmr inspect` catches it)
+from dataengine.sources import local_path, open_manifest, open_url, resolve_url
 
 log = logging.getLogger(__name__)
 
@@ -55,50 +55,12 @@ REQUIRED_FIELDS = ("id", "video_id", "conversations", "answer_tokens")
 PREFERENCE_FIELDS = ("chosen", "rejected", "judge")
 
 
-class SourceError(ValueError):
-    """The SOURCE cannot be opened as a shard set (not found, no manifest, bad manifest)."""
-
-
 class ShardError(RuntimeError):
     """A shard is damaged; the message names the shard URL and the byte offset."""
 
 
 # ================================================================================ sources
-
-def _is_url(text: str) -> bool:
-    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text))
-
-
-def _local_path(url: str) -> Path | None:
-    """The local path of a plain path or a ``file://`` URL; None for remote URLs."""
-    if url.startswith("file://"):
-        return Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
-    return None if _is_url(url) else Path(url)
-
-
-def open_binary(url: str) -> BinaryIO:
-    """A readable binary stream of a local path or URL.
-
-    ``http(s)`` goes through the standard library (no extra packages); other schemes through
-    fsspec (``s3://`` and the like need their fsspec backend installed).
-    """
-    local = _local_path(url)
-    if local is not None:
-        return open(local, "rb")
-    if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=60)  # noqa: S310 - the user's own URL
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
-
-
-def _join(base: str, name: str) -> str:
-    if _is_url(name) or os.path.isabs(name):
-        return name
-    if _is_url(base):
-        return base.rstrip("/") + "/" + name
-    return str(Path(base) / name)
-
+# Locating, opening and resolving are dataengine.sources (shared with the reader).
 
 @dataclass
 class ShardSet:
@@ -109,13 +71,19 @@ class ShardSet:
     base: str
     """Folder (path or URL) that the manifest's relative shard URLs are under."""
     manifest: Manifest
+    manifest_url: str = ""
+    """Path or URL of the manifest (``base/manifest.json`` when not given)."""
+
+    def __post_init__(self) -> None:
+        if not self.manifest_url:
+            self.manifest_url = resolve_url(self.base, schema.MANIFEST_NAME)
 
     @property
     def is_local(self) -> bool:
-        return _local_path(self.base) is not None
+        return local_path(self.base) is not None
 
     def url(self, shard: ShardInfo) -> str:
-        return _join(self.base, shard.url)
+        return resolve_url(self.base, shard.url)
 
     def stage_names(self) -> list[str]:
         return [s.name for s in self.manifest.stages]
@@ -127,7 +95,7 @@ class ShardSet:
     def open(self, shard: ShardInfo) -> BinaryIO:
         url = self.url(shard)
         try:
-            return open_binary(url)
+            return open_url(url, buffered=True)[0]
         except (OSError, ValueError) as exc:
             raise ShardError(f"{url}: cannot open: {exc}") from exc
 
@@ -137,47 +105,12 @@ class ShardSet:
 
 
 def open_shard_set(source: str | os.PathLike) -> ShardSet:
-    """Open a shard folder, a manifest file, or a URL of either; reads only the manifest."""
-    source = str(source)
-    local = _local_path(source)
-    if local is not None:
-        if local.is_dir():
-            manifest_path = local / schema.MANIFEST_NAME
-            if not manifest_path.exists():
-                tars = sorted(p.name for p in local.glob("*.tar"))
-                hint = (f" ({len(tars)} tar(s) but no manifest: an unfinished build? the manifest "
-                        "is written last)") if tars else ""
-                raise SourceError(f"{source}: no {schema.MANIFEST_NAME} in this folder{hint}")
-        elif local.exists():
-            manifest_path = local
-        else:
-            raise SourceError(f"{source}: no such file or folder")
-        try:
-            text = manifest_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SourceError(f"{manifest_path}: cannot read: {exc}") from exc
-        base = str(manifest_path.parent)
-        origin = str(manifest_path)
-    else:
-        manifest_url = source if source.rstrip("/").endswith(".json") else source.rstrip("/") + "/" + schema.MANIFEST_NAME
-        try:
-            with open_binary(manifest_url) as f:
-                text = f.read().decode("utf-8")
-        except (OSError, ValueError) as exc:
-            raise SourceError(f"{manifest_url}: cannot read the manifest: {exc}") from exc
-        base = manifest_url.rsplit("/", 1)[0]
-        origin = manifest_url
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SourceError(f"{origin}: not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SourceError(f"{origin}: expected a JSON object, got {type(data).__name__}")
-    try:
-        manifest = Manifest.from_dict(data, origin=origin)
-    except ValueError as exc:
-        raise SourceError(str(exc)) from exc
-    return ShardSet(source=source, base=base, manifest=manifest)
+    """Open a shard folder, a manifest file, or a URL of either; reads only the manifest.
+
+    :class:`SourceError` names what is wrong (``pipe:`` sources are refused: they run a command).
+    """
+    where, manifest = open_manifest(source)
+    return ShardSet(source=where.source, base=where.base, manifest=manifest, manifest_url=where.url)
 
 
 # ================================================================================ failures
@@ -196,9 +129,9 @@ class FailureLog:
 
 def read_failures(shard_set: ShardSet) -> FailureLog:
     """Count ``failures.jsonl`` lines by reason (streamed line by line); absent is not an error."""
-    url = _join(shard_set.base, schema.FAILURES_NAME)
+    url = resolve_url(shard_set.base, schema.FAILURES_NAME)
     try:
-        f = open_binary(url)
+        f, _ = open_url(url, buffered=True)  # read line by line
     except (OSError, ValueError):
         return FailureLog(present=False)
     out = FailureLog(present=True)
@@ -271,6 +204,10 @@ class _Pushback:
             self._pending = self._pending[n:]
             return n
         return self._f.readinto(buf)
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        return bytes(buf[: self.readinto(buf)])
 
 
 def scan_tar(f: BinaryIO, url: str, want: Callable[[str], bool] = lambda name: True, *,
@@ -423,7 +360,7 @@ def iter_raw_samples(shard_set: ShardSet, *, stage: str | None = None, start: in
 def _shard_samples(shard_set: ShardSet, stage: str, shard: ShardInfo, position: int, stage_position: int,
                    skip: int, wanted: set[str] | None, full: SampleFilter | None) -> Iterator[RawSample]:
     url = shard_set.url(shard)
-    local = _local_path(url) is not None
+    local = local_path(url) is not None
     state = {"n": -1, "key": None, "full": False}
 
     def want(name: str) -> bool:
@@ -795,7 +732,7 @@ class _Verifier:
     # -- the set ---------------------------------------------------------------------------
     def run(self) -> VerifyResult:
         m = self.set.manifest
-        origin = _join(self.set.base, schema.MANIFEST_NAME)
+        origin = self.set.manifest_url
         total = sum(st.samples for st in m.stages)
         if total != m.samples:
             self.problem("manifest", origin, None, f"manifest says {m.samples} samples, its shards add up to {total}")
@@ -827,13 +764,13 @@ class _Verifier:
         easy, hard = states.get(schema.STAGE_EASY), states.get(schema.STAGE_HARD)
         if easy and hard and easy.max_tokens is not None and hard.min_tokens is not None \
                 and easy.max_tokens > hard.min_tokens:
-            self.problem("stage_order", _join(self.set.base, schema.MANIFEST_NAME), None,
+            self.problem("stage_order", self.set.manifest_url, None,
                          f"an easy sample has {easy.max_tokens} answer tokens, more than the shortest hard "
                          f"sample ({hard.min_tokens}): the curriculum split is not by answer length")
 
     def failures(self) -> None:
         log_ = read_failures(self.set)
-        url = _join(self.set.base, schema.FAILURES_NAME)
+        url = resolve_url(self.set.base, schema.FAILURES_NAME)
         for line in log_.bad_lines:
             self.problem("failures", url, None, line)
         expected = self.set.manifest.failures
@@ -844,7 +781,8 @@ class _Verifier:
             self.problem("failures", url, None, f"{log_.count} line(s), but the manifest counts {expected}")
 
     def leftovers(self) -> None:
-        folder = _local_path(self.set.base)
+        path = local_path(self.set.base)
+        folder = None if path is None else Path(path)
         if folder is None or not folder.is_dir():
             return
         listed = {s.url for st in self.set.manifest.stages for s in st.shards}
@@ -858,7 +796,7 @@ class _Verifier:
     def shard(self, stage: str, shard: ShardInfo, state: _StageState) -> None:
         url = self.set.url(shard)
         try:
-            raw = open_binary(url)
+            raw, _ = open_url(url, buffered=True)
         except (OSError, ValueError) as exc:
             self.problem("missing_shard", url, None, f"cannot open: {exc}")
             return

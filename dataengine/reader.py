@@ -79,7 +79,9 @@ Sources: a folder or its ``manifest.json`` as a local path, ``file://``, ``http(
 (standard library, with Range requests when the server supports them) or any fsspec URL
 whose backend is installed (``s3://`` needs s3fs, ``gs://`` gcsfs). ``pipe:COMMAND`` runs
 COMMAND (split like a shell would, never through a shell) with ``{}`` replaced by the file
-name (``manifest.json``, then each shard's URL); it needs ``allow_pipe=True``.
+name (``manifest.json``, then each shard's URL); it needs ``allow_pipe=True``. Opening them
+is :mod:`dataengine.sources` (shared with ``vlmr inspect``); a source that cannot be opened
+raises its :class:`~dataengine.sources.SourceError` naming the source or the manifest URL.
 
 The length guard for trainers, :class:`LengthGuard`, lives here too (the engine never
 imports ``train``): it counts a sample's tokens once video features are spliced in.
@@ -95,18 +97,12 @@ import bisect
 import collections
 import functools
 import hashlib
-import io
 import json
 import logging
 import math
 import os
-import shlex
-import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -115,8 +111,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dataengine import schema
-from dataengine.schema import Manifest, ShardInfo
-from dataengine.tario import TarError, TarMember, TarReader, TruncatedTarError, file_size
+from dataengine.schema import ShardInfo
+from dataengine.sources import SourceError, read_url  # noqa: F401  (re-exported: train/ imports them here)
+from dataengine.sources import local_path, locate_manifest, open_manifest, open_url
+from dataengine.tario import TarError, TarMember, TarReader, TruncatedTarError
 
 log = logging.getLogger(__name__)
 
@@ -151,188 +149,17 @@ class ShardError(ValueError):
 
 
 # ------------------------------------------------------------------------------- sources
-
-def _scheme(url: str) -> str:
-    if url.startswith("pipe:"):
-        return "pipe"
-    parsed = urllib.parse.urlsplit(url)
-    # A one-letter scheme is a Windows drive, not a URL.
-    return parsed.scheme.lower() if len(parsed.scheme) > 1 else ""
+# Opening URLs and manifests lives in dataengine.sources (shared with `vlmr inspect`);
+# open_url, read_url and SourceError stay importable from here.
 
 
-def _local_path(url: str) -> str | None:
-    scheme = _scheme(url)
-    if scheme == "":
-        return url
-    if scheme == "file":
-        return urllib.parse.unquote(urllib.parse.urlsplit(url).path)
-    return None
+def _manifest_location(source: str | os.PathLike) -> tuple[str, Callable[[str], str]]:
+    """The manifest's URL and a function resolving shard URLs relative to it.
 
-
-class _HttpStream(io.RawIOBase):
-    """An HTTP(S) object read front to back; seeks by Range request when the server allows,
-    otherwise by reading and discarding (forward only, or from a new request)."""
-
-    _DISCARD_LIMIT = 1 << 20  # forward gaps up to this are read through rather than re-requested
-
-    def __init__(self, url: str, offset: int = 0, timeout: float = 60.0):
-        self.url = url
-        self.timeout = timeout
-        self.ranges: bool | None = None
-        self._resp = None
-        self._pos = 0
-        self.size: int | None = None
-        self._request(offset)
-
-    def _request(self, offset: int) -> None:
-        if self._resp is not None:
-            self._resp.close()
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        try:
-            resp = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.timeout)
-        except urllib.error.URLError as exc:
-            raise OSError(f"{self.url}: {exc}") from exc
-        self._resp = resp
-        self._pos = 0
-        if offset and resp.status == 206:
-            self.ranges = True
-            self._pos = offset
-        elif offset:
-            self.ranges = False
-        length = resp.headers.get("Content-Length")
-        if length is not None and self.size is None:
-            self.size = int(length) + self._pos
-        if self._pos < offset:
-            self._discard(offset - self._pos)
-
-    def _discard(self, n: int) -> None:
-        scratch = bytearray(min(n, self._DISCARD_LIMIT))
-        while n:
-            got = self.readinto(memoryview(scratch)[:min(n, len(scratch))])
-            if not got:
-                raise OSError(f"{self.url}: ends at byte {self._pos}, before the requested offset")
-            n -= got
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, b) -> int:
-        n = self._resp.readinto(b)
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        target = {io.SEEK_SET: offset, io.SEEK_CUR: self._pos + offset}.get(whence)
-        if target is None:
-            raise io.UnsupportedOperation("HTTP streams seek from the start or the current position only")
-        if target == self._pos:
-            return target
-        if target > self._pos and (self.ranges is False or target - self._pos <= self._DISCARD_LIMIT):
-            self._discard(target - self._pos)
-        else:
-            self._request(target)
-        return self._pos
-
-    def close(self) -> None:
-        if self._resp is not None:
-            self._resp.close()
-            self._resp = None
-        super().close()
-
-
-class _PipeStream(io.RawIOBase):
-    """The standard output of a command (no shell); a non-zero exit is an error naming it."""
-
-    def __init__(self, command: str):
-        self.command = command
-        args = shlex.split(command)
-        if not args:
-            raise ValueError("empty pipe: command")
-        self._proc = subprocess.Popen(args, stdout=subprocess.PIPE)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def readinto(self, b) -> int:
-        n = self._proc.stdout.readinto(b)
-        if not n:
-            code = self._proc.wait()
-            if code != 0:
-                raise OSError(f"pipe:{self.command}: exited with status {code}")
-        return n
-
-    def close(self) -> None:
-        if self._proc.poll() is None:  # stopped early: we do not need the rest
-            self._proc.terminate()
-        self._proc.stdout.close()
-        self._proc.wait()
-        super().close()
-
-
-def open_url(url: str, *, allow_pipe: bool = False):
-    """A readable binary file object for a local path, ``file://``, ``http(s)://``,
-    ``pipe:`` or any fsspec URL, and its size when known."""
-    path = _local_path(url)
-    if path is not None:
-        f = open(path, "rb", buffering=0)  # raw: readinto goes straight into our buffers
-        return f, file_size(f)
-    scheme = _scheme(url)
-    if scheme in ("http", "https"):
-        f = _HttpStream(url)
-        return f, f.size
-    if scheme == "pipe":
-        if not allow_pipe:
-            raise ValueError(f"{url}: pipe: sources run a command; pass allow_pipe=True to allow it")
-        return _PipeStream(url[len("pipe:"):]), None
-    import fsspec  # only for the schemes above; a missing backend names the package to install
-
-    f = fsspec.open(url, "rb").open()
-    return f, getattr(f, "size", None)
-
-
-def read_url(url: str, *, allow_pipe: bool = False) -> bytes:
-    f, _ = open_url(url, allow_pipe=allow_pipe)
-    with f:
-        chunks = []
-        while chunk := f.read(_HASH_CHUNK):
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-
-def _manifest_location(source: str) -> tuple[str, Callable[[str], str]]:
-    """The manifest's URL and a function that resolves a shard URL relative to it."""
-    source = os.fspath(source)
-    if source.startswith("pipe:"):
-        if "{}" not in source:
-            raise ValueError(f"{source}: a pipe: source needs a {{}} where the file name goes "
-                             "(e.g. 'pipe:cat /data/set/{}')")
-        return source.replace("{}", schema.MANIFEST_NAME), lambda rel: source.replace("{}", rel)
-    path = _local_path(source)
-    if path is not None and os.path.isdir(path):
-        folder = source.rstrip("/")
-        manifest = folder + "/" + schema.MANIFEST_NAME
-    elif source.endswith(".json"):
-        manifest = source
-        folder = source.rsplit("/", 1)[0] if "/" in source else "."
-    else:  # a remote folder
-        folder = source.rstrip("/")
-        manifest = folder + "/" + schema.MANIFEST_NAME
-
-    def resolve(rel: str) -> str:
-        if _scheme(rel) or rel.startswith("/"):
-            return rel
-        return folder + "/" + rel
-
-    return manifest, resolve
+    Kept for train/shardstage.py; new code calls :func:`dataengine.sources.open_manifest`.
+    """
+    where = locate_manifest(source, allow_pipe=True)  # runs nothing; whoever opens the URL decides
+    return where.url, where.resolve
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -1082,6 +909,10 @@ class ShardReader(IterableDataset):
         guard: optional per-sample function (e.g. :meth:`LengthGuard.apply`) run while
             reading; a None result counts as a skipped sample and its slot is filled.
         allow_pipe: allow ``pipe:`` sources, which run a command.
+
+    Raises :class:`SourceError` (a ``ValueError``) when the source cannot be opened: pipe
+    not allowed, manifest unreadable or not a manifest; nothing there is its subclass
+    :class:`~dataengine.sources.SourceNotFoundError`, also a ``FileNotFoundError``.
     """
 
     def __init__(self, source: str | os.PathLike, *, stages: Sequence[str], rank: int = 0,
@@ -1113,13 +944,9 @@ class ShardReader(IterableDataset):
         if problems:
             raise ValueError("ShardReader: " + "; ".join(problems))
         self.source = os.fspath(source)
-        if self.source.startswith("pipe:") and not allow_pipe:
-            raise ValueError(f"{self.source}: pipe: sources run a command; pass allow_pipe=True to allow it")
         self.allow_pipe = allow_pipe
-        manifest_url, resolve = _manifest_location(self.source)
-        self.manifest_url = manifest_url
-        self.manifest = Manifest.from_dict(json.loads(read_url(manifest_url, allow_pipe=allow_pipe)),
-                                           origin=manifest_url)
+        where, self.manifest = open_manifest(self.source, allow_pipe=allow_pipe)
+        self.manifest_url = manifest_url = where.url
         self.stages = list(stages)
         plans, start = [], 0
         for name in self.stages:
@@ -1129,10 +956,10 @@ class ShardReader(IterableDataset):
                 total += shard.samples
                 ends.append(total)
             plans.append(_StagePlan(name=name, start=start, shards=tuple(info.shards),
-                                    urls=tuple(resolve(s.url) for s in info.shards), ends=tuple(ends)))
+                                    urls=tuple(where.resolve(s.url) for s in info.shards), ends=tuple(ends)))
             start += total
         self._plans = tuple(plans)
-        self._local = all(_local_path(url) is not None for p in plans for url in p.urls)
+        self._local = all(local_path(url) is not None for p in plans for url in p.urls)
         self.total = start
         if self.total == 0:
             raise ValueError(f"{manifest_url}: stages {self.stages} hold no samples")

@@ -25,7 +25,7 @@ import torch
 
 from dataengine import schema
 from dataengine.pack import ShardWriter, encode_json, encode_npy
-from dataengine.reader import (EpochOrder, LengthGuard, RankSlice, ShardError, ShardReader,
+from dataengine.reader import (EpochOrder, LengthGuard, RankSlice, ShardError, ShardReader, SourceError,
                                reader_state_from_loader, stats_from_loader, worker_indices)
 from dataengine.schema import Manifest
 from dataengine.tario import TarError, TarReader, TruncatedTarError
@@ -677,8 +677,23 @@ def test_pipe_sources_need_explicit_opt_in(shards):
         ShardReader(f"pipe:cat {shards}/{{}}", stages=["easy"])
     kw = dict(stages=["easy"], shuffle="window", window=4)
     assert read(f"pipe:cat {shards}/{{}}", allow_pipe=True, **kw) == read(shards, **kw)
-    with pytest.raises(OSError, match="exited with status 3"):
+    # a failed manifest read is a SourceError naming the manifest URL, as in `vlmr inspect`
+    with pytest.raises(SourceError, match="manifest.json: cannot read the manifest: exited with status 3"):
         ShardReader(f"pipe:sh -c 'cat {shards}/$0; exit 3' {{}}", allow_pipe=True, stages=["easy"])
+
+
+def test_bad_sources_raise_source_errors_as_inspect_does(shards, tmp_path):
+    # nothing there stays a FileNotFoundError (train/narrate.py and judge.py catch that)
+    with pytest.raises(FileNotFoundError, match="missing: no such file or folder"):
+        ShardReader(tmp_path / "missing", stages=["easy"])
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(shards / "easy-000000.tar", unfinished)
+    with pytest.raises(SourceError, match="no manifest.json in this folder .*unfinished build"):
+        ShardReader(unfinished, stages=["easy"])
+    (unfinished / "manifest.json").write_text("{not json")
+    with pytest.raises(SourceError, match="manifest.json: not valid JSON"):
+        ShardReader(unfinished, stages=["easy"])
 
 
 def test_decode_npy_without_pickle():
