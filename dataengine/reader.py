@@ -113,7 +113,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from dataengine import schema
 from dataengine.schema import ShardInfo
 from dataengine.sources import SourceError, read_url  # noqa: F401  (re-exported: train/ imports them here)
-from dataengine.sources import local_path, locate_manifest, open_manifest, open_url
+from dataengine.sources import local_path, open_manifest, open_url
 from dataengine.tario import TarError, TarMember, TarReader, TruncatedTarError
 
 log = logging.getLogger(__name__)
@@ -152,14 +152,6 @@ class ShardError(ValueError):
 # Opening URLs and manifests lives in dataengine.sources (shared with `vlmr inspect`);
 # open_url, read_url and SourceError stay importable from here.
 
-
-def _manifest_location(source: str | os.PathLike) -> tuple[str, Callable[[str], str]]:
-    """The manifest's URL and a function resolving shard URLs relative to it.
-
-    Kept for train/shardstage.py; new code calls :func:`dataengine.sources.open_manifest`.
-    """
-    where = locate_manifest(source, allow_pipe=True)  # runs nothing; whoever opens the URL decides
-    return where.url, where.resolve
 
 
 # ------------------------------------------------------------------------------ decoding
