@@ -1,0 +1,961 @@
+"""Reward model from AI preferences (Bradley–Terry) on DeepSpeed, streaming from preference shards.
+
+The model (``train.reward.RewardModel``) is the SFT video LMM — its LoRA adapter and
+projector, trained further — with a scalar head on the final hidden state of the last
+valid token (the EOS) in place of the LM head. Each preference sample (``vlmr judge``,
+stage ``pairs``: ``conversations`` = the prompt, ``chosen``, ``rejected``, ``narrative``,
+``judge``, ``feat``) becomes two sequences, ``prompt + chosen</s>`` and
+``prompt + rejected</s>``, scored in one forward pass; the loss is
+
+    −log σ(r_chosen − r_rejected) + 1e-3 · |mean(r_chosen + r_rejected)|
+
+(``train.reward.bradley_terry_loss``), optionally weighted (``--confidence weight``) or
+margined (``--confidence margin``) by the judge's confidence |judge.margin| ∈ [0, 1], and
+with the judge's ``soft_label`` (probability that "chosen" is better) where it set one.
+With ``--context narrative`` the narrative goes into the prompt, after ``<video>``.
+
+Held-out pairs: ``--eval-last-shards N`` keeps the last N shards of the stages out of
+training (the split is written as two manifests under ``OUTPUT/split/``), or
+``--eval-shards FOLDER`` names a separate set. Pairwise accuracy, mean margin
+(r_chosen − r_rejected) and the chosen/rejected score means are logged every
+``--eval-every`` steps and at the end (``OUTPUT/eval.jsonl``), and printed by
+``vlmr eval rm``. After training, the mean/std of the final model's scores on the chosen
+and rejected responses of the training pairs (SFT responses; up to ``--stats-max-pairs``
+pairs) are saved with the model (``reward_model.json``) so PPO can normalise rewards.
+
+Data path, steps, checkpoints and ``--resume`` follow ``train/sft.py``: the reader deals
+each epoch to the ranks in equal shares, the length guard and tokenization run in its
+read-ahead thread (a pair whose prompt + response does not fit ``max_length`` once the
+video rows are spliced in is left out, or its responses cut, by one rule on every rank, and
+counted; the left-out pair's slot holds the reader's stand-in, which adds nothing to the
+loss), one metrics line per step, and checkpoints every ``save_every`` steps hold adapter,
+projector, head, optimizer, scheduler, step, reader position and RNG states. The final
+model is ``OUTPUT/model`` (``RewardModel.load``).
+
+Run it::
+
+    vlmr train rm --config train/configs/rm_tiny.yaml                 # one process
+    python train/rm.py --config train/configs/rm_tiny.yaml            # the same
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 train/rm.py --config train/configs/rm_tiny.yaml
+    deepspeed --num_gpus 8 train/rm.py --config my.yaml --zero-stage 2 --precision bf16
+    vlmr train rm --config train/configs/rm_tiny.yaml --resume        # continue the latest checkpoint
+    vlmr eval rm --model runs/rm/model --shards shards/pairs --last-shards 1
+
+On a machine without CUDA it runs on DeepSpeed's CPU accelerator over gloo (give each rank
+one thread with OMP_NUM_THREADS when ranks share cores).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from dataengine import config as cfg
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "vlmr-rm-state/1"
+# Settings a resumed run must share with the checkpoint: they fix the data order, the split and the model.
+PLAN_FIELDS = ("shards", "stages", "eval_shards", "eval_last_shards", "epochs", "micro_batch", "grad_accum",
+               "shuffle", "window", "seed", "max_length", "length_policy", "context", "confidence",
+               "margin_scale", "soft_labels", "model", "lora_r", "lora_alpha", "qlora", "train_projector")
+SUM_KEYS = ("loss_sum", "loss_count", "pairs", "correct", "margin_sum", "chosen_sum", "rejected_sum",
+            "tokens", "data_wait")
+
+
+@dataclass
+class RMConfig:
+    """Reward model (Bradley–Terry) from preference shards, on DeepSpeed."""
+
+    shards: str = "shards/pairs"
+    """Preference shards made by `vlmr judge`: folder or manifest.json, local or URL (s3://, https://)."""
+    stages: list[str] = field(default_factory=lambda: ["pairs"])
+    """Stages of the shard set to train on, in order."""
+    output: str = "runs/rm"
+    """Run folder: config.json, metrics.jsonl, eval.jsonl, checkpoints/, split/, and model/ (the reward model)."""
+    model: str = "tiny"
+    """The SFT model folder (made by `vlmr train sft`: its LoRA and projector are trained on), or a
+    base LM ('tiny' or a local causal LM folder) given fresh LoRA and projector."""
+    tokenizer: str = ""
+    """Tokenizer folder or 'tiny' for a base LM (default: the one in the model folder)."""
+    feat_dim: int = 0
+    """Width of the video features for a base LM; 0 reads it from the first sample of the shards."""
+    context: Literal["none", "narrative"] = "none"
+    """Put the judge's context (the sample's narrative) into the prompt after <video>."""
+    confidence: Literal["none", "weight", "margin"] = "none"
+    """Use the judge's confidence |judge.margin| in [0, 1]: as a per-pair loss weight, as a margin
+    the score difference must exceed (times --margin-scale), or not at all."""
+    margin_scale: float = 1.0
+    """Score margin per unit of judge confidence (--confidence margin)."""
+    soft_labels: bool = True
+    """Use judge.soft_label (probability that 'chosen' is better) where the judge set one."""
+    centre_coef: float = 1e-3
+    """Weight of the centring term |mean(r_chosen + r_rejected)| (public code: 1e-3)."""
+    epochs: int = 1
+    """Passes over the training pairs (paper: 1)."""
+    micro_batch: int = 4
+    """Pairs per rank per forward pass (twice as many sequences)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = micro_batch x grad_accum x ranks pairs)."""
+    lr: float = 2e-5
+    """Peak learning rate (AdamW; public code: 2e-5)."""
+    min_lr_ratio: float = 0.0
+    """Final LR as a fraction of the peak (cosine decay)."""
+    warmup_ratio: float = 0.03
+    """Share of all steps spent in linear warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not on biases and norms)."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 turns it off)."""
+    max_length: int = 2048
+    """Longest sequence (prompt + response, video rows included) the model sees."""
+    length_policy: Literal["skip", "truncate"] = "skip"
+    """Too-long pairs: leave the pair out, or cut the too-long response(s) to fit (EOS kept); both counted."""
+    lora_r: int = 32
+    """LoRA rank for a base LM (an SFT model keeps its own adapter settings)."""
+    lora_alpha: int = 32
+    """LoRA alpha for a base LM. (No dropout option: a reward model's scores must be deterministic.)"""
+    qlora: bool = False
+    """Load the base LM 4-bit nf4 (bitsandbytes) under the LoRA adapters."""
+    train_projector: bool = True
+    """Train the projector with the adapter and head (else it stays as the SFT model's)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3 (QLoRA: 0-2)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision (bf16: base weights and DeepSpeed in bfloat16)."""
+    shuffle: Literal["window", "none", "stage"] = "stage"
+    """Reader shuffle of the training pairs (pairs have no curriculum order: 'stage' is a full shuffle)."""
+    window: int = 64
+    """Samples per shuffle window (--shuffle window)."""
+    eval_shards: str = ""
+    """Held-out preference shards (a separate set with the same stages)."""
+    eval_last_shards: int = 0
+    """Or: hold out the last N shards of the stages (in manifest order) from training."""
+    eval_every: int = 0
+    """Evaluate on the held-out pairs every N optimizer steps (0: only at the end)."""
+    eval_batch: int = 8
+    """Pairs per forward pass when evaluating and computing the reward statistics."""
+    eval_max_pairs: int = 0
+    """Held-out pairs evaluated (0: all)."""
+    stats_max_pairs: int = 1024
+    """Training pairs whose chosen and rejected responses give the saved reward mean/std (0: all)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Corrupt shard data or malformed pairs: stop naming the shard and key, or skip and count them."""
+    seed: int = 0
+    """Seeds the LoRA/projector/head initialisation and the reader's shuffle."""
+    save_every: int = 0
+    """Write a checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (0 keeps all)."""
+    resume: bool = False
+    """Continue from OUTPUT/checkpoints/latest (same ranks and plan settings)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps, as an interrupted run would: nothing is saved at the
+    stop (0: all epochs). The LR schedule still spans the whole run, so --resume carries on."""
+    log_every: int = 1
+    """Metrics line every N steps (rank 0)."""
+    log_keys: bool = False
+    """Write the sample keys each rank trains on, per step, to OUTPUT/keys/rank-N.tsv (audit)."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        cfg.check(p, bool(self.stages), "--stages: at least one stage")
+        cfg.check(p, self.epochs >= 1, "--epochs must be >= 1")
+        cfg.check(p, self.micro_batch >= 1 and self.grad_accum >= 1, "--micro-batch and --grad-accum must be >= 1")
+        cfg.check(p, self.lr > 0, "--lr must be > 0")
+        cfg.check(p, 0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
+        cfg.check(p, 0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
+        cfg.check(p, self.weight_decay >= 0 and self.grad_clip >= 0, "--weight-decay and --grad-clip must be >= 0")
+        cfg.check(p, self.centre_coef >= 0 and self.margin_scale >= 0, "--centre-coef and --margin-scale must be >= 0")
+        cfg.check(p, self.max_length >= 2, "--max-length must be >= 2")
+        cfg.check(p, self.lora_r >= 1 and self.lora_alpha > 0, "--lora-r must be >= 1, --lora-alpha > 0")
+        cfg.check(p, self.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0..3, got {self.zero_stage}")
+        cfg.check(p, not (self.qlora and self.zero_stage == 3),
+                  "--qlora with --zero-stage 3: ZeRO-3 cannot partition 4-bit weights; use 0-2")
+        cfg.check(p, self.window >= 1 and self.feat_dim >= 0, "--window must be >= 1, --feat-dim >= 0")
+        cfg.check(p, not (self.eval_shards and self.eval_last_shards),
+                  "give --eval-shards or --eval-last-shards, not both")
+        cfg.check(p, min(self.eval_last_shards, self.eval_every, self.eval_max_pairs, self.stats_max_pairs) >= 0,
+                  "--eval-last-shards, --eval-every, --eval-max-pairs and --stats-max-pairs must be >= 0")
+        cfg.check(p, self.eval_batch >= 1, "--eval-batch must be >= 1")
+        cfg.check(p, self.save_every >= 0 and self.keep_checkpoints >= 0 and self.max_steps >= 0,
+                  "--save-every, --keep-checkpoints and --max-steps must be >= 0")
+        cfg.check(p, self.log_every >= 1, "--log-every must be >= 1")
+        cfg.raise_problems(p, "rm settings")
+
+
+@dataclass
+class EvalRMConfig:
+    """Held-out pairwise accuracy of a reward model on preference shards."""
+
+    model: str = "runs/rm/model"
+    """A reward model folder written by `vlmr train rm` (OUTPUT/model, or a checkpoint's model/)."""
+    shards: str = ""
+    """Preference shards to evaluate on."""
+    stages: list[str] = field(default_factory=lambda: ["pairs"])
+    last_shards: int = 0
+    """Evaluate only the last N shards of the stages (the split of `vlmr train rm --eval-last-shards N`)."""
+    batch_size: int = 8
+    """Pairs per forward pass."""
+    max_pairs: int = 0
+    """Pairs evaluated (0: all)."""
+    length_policy: Literal["skip", "truncate"] = "skip"
+    """Pairs longer than the model's max_length: left out (counted) or cut to fit."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Corrupt shard data or malformed pairs: stop naming the shard and key, or skip and count them."""
+    output: str = ""
+    """Also write the metrics as JSON to this file."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        cfg.check(p, bool(self.shards), "--shards: the preference shards to evaluate on are required")
+        cfg.check(p, bool(self.stages), "--stages: at least one stage")
+        cfg.check(p, self.last_shards >= 0 and self.max_pairs >= 0, "--last-shards and --max-pairs must be >= 0")
+        cfg.check(p, self.batch_size >= 1, "--batch-size must be >= 1")
+        cfg.raise_problems(p, "eval rm settings")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One epoch over the training pairs, and how many optimizer steps it gives."""
+
+    epoch: int
+    samples_per_rank: int
+    steps: int
+
+
+# ---------------------------------------------------------------------------- data
+
+def split_last_shards(source: str, stages: list[str], count: int, folder: Path) -> tuple[str, str]:
+    """Write two manifests under ``folder``: all but the last ``count`` shards of ``stages``
+    (``train/``) and those last shards (``heldout/``); shard URLs are made absolute.
+
+    Returns the two manifest paths. Every stage is kept in both (possibly empty).
+    """
+    from dataengine.reader import read_url
+    from dataengine.schema import MANIFEST_NAME, Manifest, ShardInfo, StageInfo
+
+    if source.startswith("pipe:"):
+        raise ValueError(f"{source}: --eval-last-shards cannot split a pipe: source; use --eval-shards")
+    if os.path.isdir(source):
+        base = os.path.abspath(source)
+        url = os.path.join(base, MANIFEST_NAME)
+    elif source.endswith(".json"):
+        url = source if "://" in source else os.path.abspath(source)
+        base = url.rsplit("/", 1)[0]
+    else:
+        base = source.rstrip("/")
+        url = base + "/" + MANIFEST_NAME
+    manifest = Manifest.from_dict(json.loads(read_url(url)), origin=url)
+    listed = [(name, shard) for name in stages for shard in manifest.stage(name).shards]
+    if count >= len(listed):
+        raise ValueError(f"{url}: --eval-last-shards {count} leaves no training shard "
+                         f"(stages {stages} have {len(listed)} shard(s))")
+    held = {id(shard) for _, shard in listed[len(listed) - count:]}
+
+    def absolute(shard: ShardInfo) -> ShardInfo:
+        rel = shard.url
+        full = rel if ("://" in rel or rel.startswith("/")) else f"{base}/{rel}"
+        return ShardInfo(**{**shard.__dict__, "url": full})
+
+    paths = []
+    for part, keep in (("train", lambda s: id(s) not in held), ("heldout", lambda s: id(s) in held)):
+        part_stages = [StageInfo(name=name, shards=[absolute(s) for s in manifest.stage(name).shards if keep(s)])
+                       for name in stages]
+        sub = Manifest(settings={**manifest.settings, "split": {"part": part, "last_shards": count}},
+                       samples=sum(s.samples for s in part_stages), failures=0, stages=part_stages,
+                       derived_from=url)
+        sub.save(folder / part)
+        paths.append(str(folder / part / MANIFEST_NAME))
+    return paths[0], paths[1]
+
+
+def pair_targets(judge: Any, config: RMConfig, where: str) -> tuple[float, float, float]:
+    """(weight, margin, label) of one pair from its judge record, per the config."""
+    weight, margin, label = 1.0, 0.0, 1.0
+    if config.confidence != "none":
+        if not isinstance(judge, dict) or not isinstance(judge.get("margin"), (int, float)):
+            raise ValueError(f"{where}: --confidence {config.confidence} needs judge.margin (a number)")
+        confidence = min(1.0, abs(float(judge["margin"])))
+        if config.confidence == "weight":
+            weight = confidence
+        else:
+            margin = config.margin_scale * confidence
+    if config.soft_labels and isinstance(judge, dict) and judge.get("soft_label") is not None:
+        label = float(judge["soft_label"])
+        if not 0.0 <= label <= 1.0:
+            raise ValueError(f"{where}: judge.soft_label {label} is not a probability in [0, 1]")
+    return weight, margin, label
+
+
+class PairPreparer:
+    """Runs in the reader's read-ahead thread: checks a pair, length guard, tokenization.
+
+    Returns None for a pair left out (too long, or malformed with ``on_error="skip"``); the
+    reader counts it and fills its slot. :attr:`counts` says what happened to how many pairs.
+    """
+
+    def __init__(self, tokenizer, config: RMConfig):
+        import collections
+        import functools
+
+        from dataengine.reader import LengthGuard
+        from train import conversation
+
+        self.tokenizer = tokenizer
+        self.config = config
+        self.video_token_id = conversation.video_token_id(tokenizer)
+        self.guard = LengthGuard(
+            tokenizer, config.max_length, policy=config.length_policy,
+            render=functools.partial(conversation.render, eos=tokenizer.eos_token or conversation.SEP2),
+            count=lambda text: conversation.count_tokens(text, tokenizer))
+        self.counts: collections.Counter = collections.Counter()
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self._prepare(sample)
+        except (KeyError, TypeError, ValueError) as exc:
+            where = f"{sample.get('shard', '?')}, key {sample.get('key', '?')!r}"
+            if self.config.on_error == "raise":
+                raise ValueError(f"{where}: {exc}") from exc
+            self.counts["malformed"] += 1
+            log.warning("skipping malformed pair %s: %s", where, exc)
+            return None
+
+    def _prepare(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        from train.conversation import spliced_length
+        from train.reward import as_prompt, encode_response, with_narrative
+
+        data = sample["json"]
+        prompt = as_prompt(data["conversations"])
+        responses = [data["chosen"], data["rejected"]]
+        if not all(isinstance(r, str) for r in responses):
+            raise TypeError("chosen and rejected must be strings")
+        if self.config.context == "narrative":
+            narrative = data.get("narrative")
+            if not isinstance(narrative, str) or not narrative.strip():
+                raise ValueError("--context narrative but the pair has no narrative")
+            prompt = with_narrative(prompt, narrative)
+        # Errors here are tagged with the shard and key by __call__.
+        weight, margin, label = pair_targets(data.get("judge"), self.config, "judge")
+        rows = int(sample["feat"].shape[0])
+        ids = []
+        cut = False
+        for response in responses:
+            guarded = self.guard.apply({"key": sample.get("key"), "feat": sample["feat"],
+                                        "json": {"conversations": prompt + [{"from": "gpt", "value": response}]}})
+            if guarded is None:
+                self.counts["too_long"] += 1
+                return None
+            turns = guarded["json"]["conversations"]
+            cut = cut or turns[-1]["value"] != response
+            row = encode_response(turns[:-1], turns[-1]["value"], self.tokenizer)
+            # A tokenizer whose count differs from the guard's could still overflow: leave it out.
+            if spliced_length(len(row), row.count(self.video_token_id), rows) > self.config.max_length:
+                self.counts["too_long"] += 1
+                return None
+            ids.append(row)
+        self.counts["truncated" if cut else "fit"] += 1
+        return dict(sample, chosen_ids=ids[0], rejected_ids=ids[1], weight=weight, margin=margin, label=label)
+
+
+def make_reader(source: str, config: RMConfig, epoch: int, dist, prepare=None, *, evaluation: bool = False):
+    """Training: the epoch's shuffled share of this rank. Evaluation: every pair once, in
+    stream order, dealt one at a time (the last positions repeat; :func:`score_pairs` skips them)."""
+    from dataengine.reader import ShardReader
+
+    if evaluation:
+        return ShardReader(source, stages=config.stages, rank=dist.rank, world_size=dist.world_size,
+                           batch_size=1, shuffle="none", remainder="repeat", fields=("json", "feat"),
+                           on_error=config.on_error, guard=prepare)
+    return ShardReader(source, stages=config.stages, rank=dist.rank, world_size=dist.world_size,
+                       batch_size=config.micro_batch, shuffle=config.shuffle, window=config.window,
+                       seed=config.seed, epoch=epoch, fields=("json", "feat"), on_error=config.on_error,
+                       guard=prepare)
+
+
+def plan_epochs(source: str, config: RMConfig, dist) -> list[Phase]:
+    """Epochs with their step counts, from the manifest alone (no tar is opened)."""
+    per_step = config.micro_batch * config.grad_accum
+    phases = []
+    for epoch in range(config.epochs):
+        per_rank = len(make_reader(source, config, epoch, dist))
+        phases.append(Phase(epoch, per_rank, per_rank // per_step))
+    if phases[0].steps == 0:
+        raise ValueError(f"{source}: stages {config.stages} give no full step of {per_step} pairs per rank "
+                         f"on {dist.world_size} rank(s) ({phases[0].samples_per_rank} per rank)")
+    return phases
+
+
+def feat_width(source: str, config: RMConfig) -> int:
+    """The shards' feature width D, from the first sample."""
+    from dataengine.reader import ShardReader
+
+    reader = ShardReader(source, stages=config.stages, shuffle="none", fields=("feat",), prefetch_bytes=0)
+    return int(next(iter(reader))["feat"].shape[-1])
+
+
+def collate_pairs(samples: list[dict[str, Any]], pad_token_id: int, video_token_id: int) -> dict[str, Any]:
+    """A batch of B pairs as 2B right-padded rows: the B chosen sequences, then the B rejected.
+
+    Returns ``input_ids``, ``attention_mask`` (2B, L), ``feat`` ((2B, N, D) or a list),
+    ``valid`` (B,) bool (False for the reader's stand-ins), ``weight``, ``margin``,
+    ``label`` (B,), ``tokens`` (real positions once spliced) and ``keys``.
+    """
+    import torch
+
+    from train.conversation import spliced_length
+    from train.model import pad_sequences
+
+    rows = [s["chosen_ids"] for s in samples] + [s["rejected_ids"] for s in samples]
+    feats = [torch.as_tensor(s["feat"]) for s in samples] * 2
+    input_ids, mask = pad_sequences(rows, pad_token_id, side="right")
+    same = all(f.shape == feats[0].shape for f in feats)
+    return {
+        "input_ids": input_ids, "attention_mask": mask, "feat": torch.stack(feats) if same else feats,
+        "valid": torch.tensor([not s.get("substitute_for") for s in samples]),
+        "weight": torch.tensor([float(s["weight"]) for s in samples]),
+        "margin": torch.tensor([float(s["margin"]) for s in samples]),
+        "label": torch.tensor([float(s["label"]) for s in samples]),
+        "tokens": sum(spliced_length(len(r), r.count(video_token_id), f.shape[0]) for r, f in zip(rows, feats)),
+        "keys": [s.get("key", "") for s in samples],
+    }
+
+
+def batches_of(samples: Iterator[dict[str, Any]], size: int, collate) -> Iterator[dict[str, Any]]:
+    """Batches of ``size`` consecutive samples (a short last one only when the stream ends early)."""
+    chunk: list[dict[str, Any]] = []
+    try:
+        for sample in samples:
+            chunk.append(sample)
+            if len(chunk) == size:
+                yield collate(chunk)
+                chunk = []
+        if chunk:
+            yield collate(chunk)
+    finally:
+        close = getattr(samples, "close", None)
+        if close is not None:
+            close()
+
+
+# ---------------------------------------------------------------------------- one step
+
+def pair_loss(scores, batch: dict[str, Any], config: RMConfig):
+    """The Bradley–Terry loss of a batch's real pairs from its (2B,) scores, and their sums.
+
+    A batch of only stand-ins gives a zero loss still attached to the graph, so every rank
+    runs the same backward.
+    """
+    from train.reward import bradley_terry_loss
+
+    b = scores.shape[0] // 2
+    valid = batch["valid"].to(scores.device)
+    rc, rr = scores[:b][valid], scores[b:][valid]
+    n = int(valid.sum())
+    if n == 0:
+        return scores.sum() * 0.0, {"pairs": 0.0}
+    use_weight, use_margin = config.confidence == "weight", config.confidence == "margin"
+    loss = bradley_terry_loss(rc, rr, weight=batch["weight"][valid.cpu()] if use_weight else None,
+                              margin=batch["margin"][valid.cpu()] if use_margin else None,
+                              label=batch["label"][valid.cpu()] if config.soft_labels else None,
+                              centre_coef=config.centre_coef)
+    d = (rc - rr).detach()
+    return loss, {"pairs": float(n), "correct": float((d > 0).sum() + 0.5 * (d == 0).sum()),
+                  "margin_sum": float(d.sum()), "chosen_sum": float(rc.detach().sum()),
+                  "rejected_sum": float(rr.detach().sum())}
+
+
+def train_step(engine, batches: Iterator[dict[str, Any]], config: RMConfig, device) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns this rank's sums."""
+    sums: dict[str, Any] = dict.fromkeys(SUM_KEYS, 0.0)
+    keys: list[str] = []
+    for _ in range(config.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        sums["data_wait"] += time.perf_counter() - t0
+        feat = batch["feat"].to(device) if hasattr(batch["feat"], "to") else [f.to(device) for f in batch["feat"]]
+        scores = engine(batch["input_ids"].to(device), feat, batch["attention_mask"].to(device))
+        loss, stats = pair_loss(scores, batch, config)
+        engine.backward(loss)
+        engine.step()
+        if stats["pairs"]:
+            sums["loss_sum"] += loss.item()
+            sums["loss_count"] += 1
+            for k, v in stats.items():
+                sums[k] += v
+        sums["tokens"] += batch["tokens"]
+        keys.extend(batch["keys"])
+    sums["keys"] = keys
+    return sums
+
+
+class StepMetrics:
+    """Rank 0's one line per logged step; ``update`` is called on every rank (it all-reduces)."""
+
+    def __init__(self, dist, total_steps: int):
+        self.dist = dist
+        self.total_steps = total_steps
+        self.start = self.window_start = time.perf_counter()
+        self.steps_timed = 0
+
+    def update(self, *, step: int, epoch: int, lr: float, window: dict[str, float], steps: int) -> dict[str, Any] | None:
+        from train import launch
+
+        s = dict(zip(SUM_KEYS, launch.all_sum([window[k] for k in SUM_KEYS])))
+        now = time.perf_counter()
+        elapsed, self.window_start = now - self.window_start, now
+        self.steps_timed += steps
+        if not self.dist.is_main:
+            return None
+        pairs = max(s["pairs"], 1.0)
+        per_step = (now - self.start) / max(1, self.steps_timed)
+        m = {"step": step, "epoch": epoch, "loss": s["loss_sum"] / max(s["loss_count"], 1),
+             "accuracy": s["correct"] / pairs, "margin": s["margin_sum"] / pairs,
+             "chosen": s["chosen_sum"] / pairs, "rejected": s["rejected_sum"] / pairs, "lr": lr,
+             "pairs_per_s": s["pairs"] / elapsed if elapsed > 0 else 0.0,
+             "tokens_per_s": s["tokens"] / elapsed if elapsed > 0 else 0.0,
+             "data_wait": s["data_wait"] / self.dist.world_size / elapsed if elapsed > 0 else 0.0,
+             "eta_s": per_step * (self.total_steps - step)}
+        log.info("step %d/%d | epoch %d | loss %.4f | acc %.3f | margin %+.3f | chosen %+.3f | rejected %+.3f | "
+                 "lr %.2e | pairs/s %.1f | tok/s %s | data-wait %.1f%% | eta %s", step, self.total_steps, epoch,
+                 m["loss"], m["accuracy"], m["margin"], m["chosen"], m["rejected"], lr, m["pairs_per_s"],
+                 f"{m['tokens_per_s']:,.0f}", 100 * m["data_wait"], launch.format_duration(m["eta_s"]))
+        return m
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+def score_pairs(model, reader, *, batch_size: int, limit: int, device, rank: int, world_size: int,
+                pad_token_id: int, video_token_id: int) -> dict[str, float]:
+    """Score every pair of an evaluation reader (:func:`make_reader` with ``evaluation``) once,
+    over all ranks; returns the sums over ranks.
+
+    Rank r's i-th sample is global position i·R + r; positions past the end (the reader's
+    repeats) and the reader's stand-ins for left-out pairs go through the forward pass — so
+    that all ranks run the same passes — but are not counted (stand-ins are, as ``skipped``).
+    ``limit`` > 0 scores only the first ``limit`` pairs.
+    """
+    import torch
+
+    from train import launch
+
+    total = min(reader.total, limit) if limit else reader.total
+    per_rank = -(-total // world_size)
+    keys = ("pairs", "skipped", "correct", "margin_sum", "chosen_sum", "rejected_sum", "chosen_sq",
+            "rejected_sq", "nll_sum")
+    sums = dict.fromkeys(keys, 0.0)
+
+    def counted(samples):
+        for i, sample in enumerate(samples):
+            if i == per_rank:
+                return
+            yield dict(sample, counted=i * world_size + rank < total)
+
+    def collate(chunk):
+        batch = collate_pairs(chunk, pad_token_id, video_token_id)
+        batch["counted"] = torch.tensor([s["counted"] for s in chunk])
+        return batch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches_of(counted(iter(reader)), batch_size, collate):
+                feat = batch["feat"].to(device) if hasattr(batch["feat"], "to") else [f.to(device) for f in batch["feat"]]
+                scores = model(batch["input_ids"].to(device), feat, batch["attention_mask"].to(device)).cpu().double()
+                b = scores.shape[0] // 2
+                use = batch["counted"] & batch["valid"]
+                sums["skipped"] += float((batch["counted"] & ~batch["valid"]).sum())
+                rc, rr = scores[:b][use], scores[b:][use]
+                d = rc - rr
+                sums["pairs"] += float(use.sum())
+                sums["correct"] += float((d > 0).sum() + 0.5 * (d == 0).sum())
+                sums["margin_sum"] += float(d.sum())
+                sums["chosen_sum"] += float(rc.sum())
+                sums["rejected_sum"] += float(rr.sum())
+                sums["chosen_sq"] += float((rc * rc).sum())
+                sums["rejected_sq"] += float((rr * rr).sum())
+                sums["nll_sum"] += float(-torch.nn.functional.logsigmoid(d).sum())
+    finally:
+        model.train(was_training)
+    return dict(zip(keys, launch.all_sum([sums[k] for k in keys])))
+
+
+def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Pairwise accuracy (ties count half), mean margin r_c − r_r, chosen/rejected means, BT loss."""
+    n = max(sums["pairs"], 1.0)
+    return {"pairs": int(sums["pairs"]), "skipped": int(sums["skipped"]), "accuracy": sums["correct"] / n,
+            "margin": sums["margin_sum"] / n, "chosen": sums["chosen_sum"] / n,
+            "rejected": sums["rejected_sum"] / n, "loss": sums["nll_sum"] / n}
+
+
+def format_eval(metrics: dict[str, float]) -> str:
+    return (f"pairs {metrics['pairs']} | acc {metrics['accuracy']:.3f} | margin {metrics['margin']:+.3f} | "
+            f"chosen {metrics['chosen']:+.3f} | rejected {metrics['rejected']:+.3f} | loss {metrics['loss']:.4f}"
+            + (f" | left out {metrics['skipped']}" if metrics["skipped"] else ""))
+
+
+# ---------------------------------------------------------------------------- recipe
+
+def build_model(config: RMConfig, source: str):
+    """The reward model: from the SFT model folder, or a base LM with fresh adapters."""
+    from dataengine.models import load_tokenizer, resolve_lm
+    from train.model import MODEL_CONFIG, ModelSettings
+    from train.reward import RewardModel
+
+    dtype = "bfloat16" if config.precision == "bf16" else "float32"
+    if (Path(config.model) / MODEL_CONFIG).exists():
+        model = RewardModel.from_sft(config.model, seed=config.seed, qlora=config.qlora, dtype=dtype,
+                                     context=config.context, max_length=config.max_length)
+    else:
+        tokenizer = load_tokenizer(config.tokenizer or resolve_lm(config.model))
+        settings = ModelSettings(lm=config.model, feat_dim=config.feat_dim or feat_width(source, config),
+                                 lora_r=config.lora_r, lora_alpha=config.lora_alpha,
+                                 lora_dropout=0.0, qlora=config.qlora, dtype=dtype)
+        model = RewardModel.from_base(settings, tokenizer, seed=config.seed, context=config.context,
+                                      max_length=config.max_length)
+    model.lmm.projector.requires_grad_(config.train_projector)
+    return model
+
+
+def prepare_sources(config: RMConfig, out: Path, dist) -> tuple[str, str | None]:
+    """The training and held-out shard sources (writing the split manifests on rank 0)."""
+    from train import launch
+
+    if config.eval_last_shards:
+        if dist.is_main:
+            split_last_shards(config.shards, config.stages, config.eval_last_shards, out / "split")
+        launch.barrier()
+        return str(out / "split" / "train" / "manifest.json"), str(out / "split" / "heldout" / "manifest.json")
+    if not config.eval_shards:
+        log.warning("no held-out pairs (--eval-shards or --eval-last-shards): accuracy is not measured")
+    return config.shards, config.eval_shards or None
+
+
+def train(config: RMConfig, dist) -> dict[str, Any]:
+    """Run (or resume) the training; returns a summary (steps, last metrics, held-out metrics, model path)."""
+    import torch
+
+    from dataengine.schema import write_text_atomic
+    from train import launch
+
+    out = Path(config.output)
+    ckpt_root = out / "checkpoints"
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(config), indent=1) + "\n")
+    torch.manual_seed(config.seed)
+
+    # -- setup, in dependency order: data split, plan, model, engine ----------------------
+    train_source, eval_source = prepare_sources(config, out, dist)
+    phases = plan_epochs(train_source, config, dist)
+    total_steps = sum(p.steps for p in phases)
+    model, engine, scheduler = build_engine(config, train_source, total_steps)
+    tokenizer = model.tokenizer
+    ids = {"pad_token_id": model.lmm.pad_token_id, "video_token_id": model.lmm.video_token_id}
+    log.info("rm: %d rank(s), %s, %d steps over %d epoch(s) of %d pairs per rank, %s trainable parameters",
+             dist.world_size, config.model, total_steps, len(phases), phases[0].samples_per_rank,
+             f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
+    step, phase_index, phase_step, reader_state = resume_position(config, engine, dist, ckpt_root, phases)
+
+    def evaluate(at_step: int) -> dict[str, Any] | None:
+        if eval_source is None:
+            return None
+        return evaluate_heldout(model, eval_source, config, dist, ids, at_step)
+
+    metrics = StepMetrics(dist, total_steps)
+    keys_file = out / "keys" / f"rank-{dist.rank:05d}.tsv"
+    if config.log_keys:
+        keys_file.parent.mkdir(parents=True, exist_ok=True)
+    last: dict[str, Any] | None = None
+    stopped = False
+    counts: dict[str, Any] = {}
+
+    # -- the epochs, under one LR schedule -----------------------------------------------
+    engine.train()
+    for index in range(phase_index, len(phases)):
+        phase = phases[index]
+        if index != phase_index:
+            phase_step, reader_state = 0, None
+        if phase_step >= phase.steps:
+            continue
+        prepare = PairPreparer(tokenizer, config)
+        reader = make_reader(train_source, config, phase.epoch, dist, prepare)
+        if reader_state is not None:
+            reader.load_state_dict(reader_state)
+        batches = batches_of(iter(reader), config.micro_batch, lambda chunk: collate_pairs(chunk, **ids))
+        window: dict[str, float] = dict.fromkeys(SUM_KEYS, 0.0)
+        window_steps = 0
+        try:
+            while phase_step < phase.steps:
+                if config.max_steps and step >= config.max_steps:
+                    stopped = True
+                    break
+                lr = scheduler.get_last_lr()[0]  # the LR this step uses
+                sums = train_step(engine, batches, config, dist.device)
+                step += 1
+                phase_step += 1
+                window_steps += 1
+                for k in SUM_KEYS:
+                    window[k] += sums[k]
+                if config.log_keys:
+                    with open(keys_file, "a", encoding="utf-8") as f:
+                        f.write(f"{step}\t{phase.epoch}\t" + " ".join(sums["keys"]) + "\n")
+                if step % config.log_every == 0 or phase_step == phase.steps:
+                    last = metrics.update(step=step, epoch=phase.epoch, lr=lr, window=window, steps=window_steps)
+                    if last is not None:
+                        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                            f.write(json.dumps(last) + "\n")
+                    window, window_steps = dict.fromkeys(SUM_KEYS, 0.0), 0
+                is_last = index == len(phases) - 1 and phase_step == phase.steps
+                if (config.save_every and step % config.save_every == 0) or is_last:
+                    state = {"format": STATE_FORMAT, "step": step, "phase": index, "phase_step": phase_step,
+                             "epoch": phase.epoch, "world_size": dist.world_size, "config": cfg.to_dict(config)}
+                    # Taken between steps: the reader has handed out exactly the pairs trained on.
+                    launch.save_checkpoint(ckpt_root, step, engine=engine, model=model, trainer_state=state,
+                                           rank_state={"reader": reader.state_dict()}, dist=dist,
+                                           keep=config.keep_checkpoints)
+                if config.eval_every and step % config.eval_every == 0 and not is_last:
+                    evaluate(step)
+        finally:
+            batches.close()
+        counts = report_epoch(phase, config, reader, prepare, dist, finished=not stopped)
+        if stopped:
+            break
+
+    summary: dict[str, Any] = {"steps": step, "total_steps": total_steps, "stopped_early": stopped, "last": last,
+                               "heldout": None, "stats": None, "model": None, "pairs": counts}
+    if stopped:
+        return summary
+    # -- after training: held-out metrics, reward statistics, the final model -------------
+    summary["heldout"] = evaluate(step)
+    stats = reward_statistics(model, train_source, config, dist, ids)
+    summary["stats"] = stats.__dict__
+    extra = {"heldout": summary["heldout"], "trained_from": config.model, "shards": config.shards, "steps": step}
+    summary["model"] = str(save_final_model(model, stats, extra, out / "model", dist))
+    if dist.is_main and summary["heldout"] is not None:
+        write_text_atomic(out / "eval.json", json.dumps(summary["heldout"], indent=1) + "\n")
+    return summary
+
+
+def build_engine(config: RMConfig, source: str, total_steps: int):
+    """The reward model inside a DeepSpeed engine: ``(model, engine, scheduler)``."""
+    from train import launch
+
+    model = build_model(config, source)
+    ds_config = launch.deepspeed_config(micro_batch=config.micro_batch, grad_accum=config.grad_accum,
+                                        zero_stage=config.zero_stage, precision=config.precision,
+                                        grad_clip=config.grad_clip)
+    engine, scheduler = launch.initialize(
+        model, ds_config, lr=config.lr, weight_decay=config.weight_decay,
+        warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps,
+        min_lr_ratio=config.min_lr_ratio)
+    return model, engine, scheduler
+
+
+def resume_position(config: RMConfig, engine, dist, ckpt_root: Path, phases: list[Phase]):
+    """``(step, epoch index, steps done in it, reader state)``: zeros, or the latest checkpoint's
+    (whose engine, optimizer, scheduler and RNG states are loaded here)."""
+    from train import launch
+
+    if not config.resume:
+        return 0, 0, 0, None
+    folder = launch.latest_checkpoint(ckpt_root)
+    if folder is None:
+        log.warning("--resume: no checkpoint under %s; starting from the beginning", ckpt_root)
+        return 0, 0, 0, None
+    state, rank_state = launch.load_checkpoint(folder, engine=engine, dist=dist)
+    check_resumable(state, config, folder)
+    log.info("resumed %s: step %d, epoch %d", folder, state["step"], phases[state["phase"]].epoch)
+    return state["step"], state["phase"], state["phase_step"], rank_state["reader"]
+
+
+def evaluate_heldout(model, source: str, config: RMConfig, dist, ids: dict[str, int], step: int) -> dict[str, Any]:
+    """Held-out metrics at ``step``; rank 0 logs them and appends them to OUTPUT/eval.jsonl."""
+    reader = make_reader(source, config, 0, dist, PairPreparer(model.tokenizer, config), evaluation=True)
+    metrics = eval_metrics(score_pairs(model, reader, batch_size=config.eval_batch, limit=config.eval_max_pairs,
+                                       device=dist.device, rank=dist.rank, world_size=dist.world_size, **ids))
+    if dist.is_main:
+        log.info("eval step %d | %s", step, format_eval(metrics))
+        with open(Path(config.output) / "eval.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+    return metrics
+
+
+def reward_statistics(model, source: str, config: RMConfig, dist, ids: dict[str, int]):
+    """Mean/std of the final model's scores on the chosen and rejected responses of (up to
+    ``stats_max_pairs``) training pairs, i.e. on responses of the SFT model."""
+    from train.reward import RewardStats
+
+    reader = make_reader(source, config, 0, dist, PairPreparer(model.tokenizer, config), evaluation=True)
+    sums = score_pairs(model, reader, batch_size=config.eval_batch, limit=config.stats_max_pairs,
+                       device=dist.device, rank=dist.rank, world_size=dist.world_size, **ids)
+    stats = RewardStats.from_sums(2 * sums["pairs"], sums["chosen_sum"] + sums["rejected_sum"],
+                                  sums["chosen_sq"] + sums["rejected_sq"],
+                                  source=f"chosen+rejected responses of {int(sums['pairs'])} training pairs of "
+                                         f"{config.shards}")
+    if dist.is_main:
+        log.info("reward statistics: mean %+.4f, std %.4f over %d responses", stats.mean, stats.std, stats.count)
+    return stats
+
+
+def check_resumable(state: dict[str, Any], config: RMConfig, folder: Path) -> None:
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{folder}: not a reward-model checkpoint (format {state.get('format')!r})")
+    saved, now = state["config"], cfg.to_dict(config)
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in PLAN_FIELDS if saved.get(k) != now.get(k)]
+    if diff:
+        raise ValueError(f"{folder}: cannot resume with different plan settings:\n  " + "\n  ".join(diff))
+
+
+def report_epoch(phase: Phase, config: RMConfig, reader, prepare: PairPreparer, dist,
+                 finished: bool = True) -> dict[str, Any]:
+    """Which pairs the preparer and the reader left out or changed in an epoch, summed over
+    ranks; rank 0 logs it and appends it to OUTPUT/epochs.jsonl. The counts are of the pairs
+    read in this process (the read-ahead included), so a resumed epoch counts anew."""
+    from train import launch
+
+    stats = reader.stats()
+    names = ("fit", "truncated", "too_long", "malformed")
+    values = launch.all_sum([prepare.counts[k] for k in names] + [stats["substituted"], stats["skipped_total"]])
+    report: dict[str, Any] = {"epoch": phase.epoch, "steps": phase.steps, "finished": finished,
+                              **{k: int(v) for k, v in zip(names + ("stand_ins", "reader_skipped"), values)},
+                              "unused_tail_per_rank": phase.samples_per_rank
+                              - phase.steps * config.micro_batch * config.grad_accum}
+    if dist.is_main:
+        log.info("epoch %d %s: pairs fit %d, with responses cut %d, too long %d, malformed %d; reader skipped %d "
+                 "(their %d slots held stand-ins without loss); %d pair(s) per rank after the last full step "
+                 "unused", phase.epoch, "done" if finished else "interrupted", report["fit"], report["truncated"],
+                 report["too_long"], report["malformed"], report["reader_skipped"], report["stand_ins"],
+                 report["unused_tail_per_rank"])
+        with open(Path(config.output) / "epochs.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(report) + "\n")
+    return report
+
+
+def save_final_model(model, stats, extra: dict[str, Any], folder: Path, dist) -> Path:
+    """The trained reward model with its statistics, written to a temp name and renamed (rank 0)."""
+    from train import launch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with launch.gathered(trainable):
+        state = model.trainable_state() if dist.is_main else None
+    if dist.is_main:
+        model.stats = stats
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save(tmp, state=state, extra=extra)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        log.info("saved reward model %s", folder)
+    launch.barrier()
+    return folder
+
+
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The ``deepspeed`` launcher appends ``--local_rank=N``; LOCAL_RANK carries it too."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank"):
+            if i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None, prog: str = "train/rm.py") -> int:
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    config = cfg.parse_config(RMConfig, argv, prog=prog)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from train import launch
+
+    dist = launch.setup_distributed()
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    summary = train(config, dist)
+    if dist.is_main:
+        log.info("rm: %d/%d steps%s; held-out: %s; model: %s", summary["steps"], summary["total_steps"],
+                 " (stopped at --max-steps)" if summary["stopped_early"] else "",
+                 format_eval(summary["heldout"]) if summary["heldout"] else "not measured", summary["model"])
+    return 0
+
+
+# ---------------------------------------------------------------------------- vlmr eval rm
+
+@dataclass(frozen=True)
+class _Single:
+    """One process without a process group (``vlmr eval rm`` outside torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: Any = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return True
+
+
+def evaluate_model(config: EvalRMConfig, dist) -> dict[str, Any]:
+    """Held-out metrics of a saved reward model on preference shards (every rank calls it)."""
+    import tempfile
+
+    from train.reward import RewardModel
+
+    model = RewardModel.load(config.model).to(dist.device)
+    # The reader and preparer take the training settings that matter for reading pairs.
+    rm = RMConfig(shards=config.shards, stages=config.stages, max_length=model.max_length,
+                  length_policy=config.length_policy, context=model.context, on_error=config.on_error)
+    ids = {"pad_token_id": model.lmm.pad_token_id, "video_token_id": model.lmm.video_token_id}
+    with tempfile.TemporaryDirectory(prefix="vlmr-eval-rm-") as tmp:
+        source = config.shards
+        if config.last_shards:
+            # Every rank writes its own copy: the split is deterministic.
+            _, source = split_last_shards(config.shards, config.stages, config.last_shards, Path(tmp))
+        reader = make_reader(source, rm, 0, dist, PairPreparer(model.tokenizer, rm), evaluation=True)
+        sums = score_pairs(model, reader, batch_size=config.batch_size, limit=config.max_pairs,
+                           device=dist.device, rank=dist.rank, world_size=dist.world_size, **ids)
+    return {"model": config.model, "shards": config.shards, "last_shards": config.last_shards, **eval_metrics(sums)}
+
+
+def eval_main(argv: list[str] | None = None, prog: str = "vlmr eval rm") -> int:
+    config = cfg.parse_config(EvalRMConfig, list(sys.argv[1:] if argv is None else argv), prog=prog)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from train import launch
+
+        dist = launch.setup_distributed()
+    else:
+        import torch
+
+        dist = _Single(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    metrics = evaluate_model(config, dist)
+    if dist.is_main:
+        print(f"{config.model} on {config.shards}: {format_eval(metrics)}")
+        print(json.dumps(metrics))
+        if config.output:
+            from dataengine.schema import write_text_atomic
+
+            write_text_atomic(config.output, json.dumps(metrics, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=os.environ.get("VLMR_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    sys.exit(main())
