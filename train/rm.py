@@ -239,21 +239,13 @@ def split_last_shards(source: str, stages: list[str], count: int, folder: Path) 
 
     Returns the two manifest paths. Every stage is kept in both (possibly empty).
     """
-    from dataengine.reader import read_url
     from dataengine.schema import MANIFEST_NAME, Manifest, ShardInfo, StageInfo
+    from dataengine.sources import local_path, open_manifest
 
     if source.startswith("pipe:"):
         raise ValueError(f"{source}: --eval-last-shards cannot split a pipe: source; use --eval-shards")
-    if os.path.isdir(source):
-        base = os.path.abspath(source)
-        url = os.path.join(base, MANIFEST_NAME)
-    elif source.endswith(".json"):
-        url = source if "://" in source else os.path.abspath(source)
-        base = url.rsplit("/", 1)[0]
-    else:
-        base = source.rstrip("/")
-        url = base + "/" + MANIFEST_NAME
-    manifest = Manifest.from_dict(json.loads(read_url(url)), origin=url)
+    where, manifest = open_manifest(source)
+    url = where.url
     listed = [(name, shard) for name in stages for shard in manifest.stage(name).shards]
     if count >= len(listed):
         raise ValueError(f"{url}: --eval-last-shards {count} leaves no training shard "
@@ -261,8 +253,9 @@ def split_last_shards(source: str, stages: list[str], count: int, folder: Path) 
     held = {id(shard) for _, shard in listed[len(listed) - count:]}
 
     def absolute(shard: ShardInfo) -> ShardInfo:
-        rel = shard.url
-        full = rel if ("://" in rel or rel.startswith("/")) else f"{base}/{rel}"
+        full = where.resolve(shard.url)
+        if local_path(full) is not None:  # the split manifests live elsewhere: no relative paths
+            full = os.path.abspath(local_path(full))
         return ShardInfo(**{**shard.__dict__, "url": full})
 
     paths = []
