@@ -726,3 +726,22 @@ def test_plan_arithmetic():
     assert list(worker_indices(7, 0, 2, 0, 2)) == [0, 1, 4, 5]
     assert list(worker_indices(7, 0, 2, 1, 2)) == [2, 3, 6]
     assert list(worker_indices(7, 2, 2, 1, 2, skip=1)) == [5]
+
+
+def test_buffer_pool_reuses_the_most_recently_freed_buffer_and_never_a_held_one():
+    from dataengine.reader import _BufferPool
+
+    pool = _BufferPool(max_bytes=1 << 20)
+    a, b, c = pool.get(1000), pool.get(1000), pool.get(1000)
+    assert len({id(a), id(b), id(c)}) == 3
+    view = torch.from_numpy(b[10:])  # a tensor over b keeps b in use
+    a_id, c_id = id(a), id(c)
+    del a, c
+    got = pool.get(1000)
+    assert id(got) == c_id  # of the free ones, the last handed out (warmest in the cache)
+    again = pool.get(1000)
+    assert id(again) == a_id
+    fresh = pool.get(1000)  # c and a are held again, b by the tensor: a new buffer
+    assert id(fresh) not in (id(b), a_id, c_id)
+    assert pool.reused == 2
+    assert view.data_ptr() == b[10:].ctypes.data
