@@ -1,0 +1,1059 @@
+"""PPO from AI feedback: the SFT policy, a QLoRA adapter, rewards from the frozen reward model.
+
+The algorithm, in plain words. Each step, every rank takes ``rollout_batch / ranks`` prompts
+(the first human turn of samples streamed from prompt shards; the answers are ignored) and
+
+1. **generates** a response to each with the policy (sampling at ``temperature``, KV cache,
+   batches of ``generation_batch``); tokens after the first EOS are padding, and a response
+   that reaches ``max_new_tokens`` without EOS is penalised;
+2. **scores** it with the reward model, normalised with the RM's saved statistics
+   ((r - mean) / std), replaced by ``no_eos_penalty`` when there is no EOS, minus an
+   optional length penalty;
+3. computes, with one forward function, the policy's log-probabilities, the reference's
+   (the same base with the PPO adapter switched off: the SFT model) and the value model's
+   values; per token the reward is ``-β·(logπ - logπ_ref)``, plus the score at the last valid
+   token; GAE(γ, λ) gives advantages and returns; the advantages are whitened over the
+   valid tokens of the whole rollout (all ranks);
+4. **trains** ``ppo_epochs`` epochs over the rollout in minibatches of ``step_batch`` (each
+   sample exactly once per epoch): clipped policy loss + ``vf_coef`` × clipped value loss,
+   one optimizer step per minibatch with gradient clipping; then β is updated (fixed or
+   adaptive to ``kl_target``).
+
+The math lives in ``train/rl.py`` (tested against hand-computed values); this file wires it.
+
+Models (:class:`ActorCritic`), on one 4-bit nf4 base when the SFT model and the reward model
+share their base LM (the usual case: the RM is trained from the SFT model), as adapters of
+one peft model, switched per forward:
+
+    policy     base + SFT LoRA (frozen) + PPO LoRA "policy" (trainable, r=64, alpha=16)
+    reference  base + SFT LoRA — the PPO adapter off; no second copy of any weight
+    reward     base + RM LoRA "reward" (frozen) + RM projector + RM head       (frozen)
+    value      base + LoRA "value" initialised from the RM's + RM projector + zero head
+
+The projectors stay frozen (the policy's is the SFT one, so the reference is exactly SFT).
+When the bases differ (e.g. a 13B RM for a 7B policy), the reward and value adapters share a
+second base. One DeepSpeed engine trains the policy and value adapters and the value head
+together on the summed loss, as the public implementation's actor-critic does. Logprobs
+are computed the same way at rollout, reference and update time (same temperature, same
+slicing), in the micro-batches of the first PPO epoch, so at its first minibatch the ratio
+is exactly 1. Dropout is off everywhere.
+
+Checkpoints (every ``save_every`` steps and at the end) hold the trainable weights
+(policy and value adapters, value head), optimizer, LR schedule, KL controller, step,
+reader position and RNG states; ``--resume`` continues so that the following steps equal
+an uninterrupted run's. The final policy is ``OUTPUT/model``, a plain ``VideoLMM`` folder
+(its adapter is the SFT and PPO LoRAs concatenated into one of rank r_sft + r_ppo, which
+computes the same function), so ``VideoLMM.load`` and the evaluations read it like the SFT
+model.
+
+Run it::
+
+    vlmr train ppo --config train/configs/ppo_tiny.yaml             # one process
+    python train/ppo.py --config train/configs/ppo_tiny.yaml        # the same
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 train/ppo.py --config train/configs/ppo_tiny.yaml
+    deepspeed --num_gpus 8 train/ppo.py --config my.yaml --precision bf16
+    vlmr train ppo --config train/configs/ppo_tiny.yaml --resume    # continue the latest checkpoint
+
+On a machine without CUDA it runs on DeepSpeed's CPU accelerator over gloo.
+Benchmark: ``python benchmarks/bench_ppo.py``. Tests: ``pytest tests/test_rl.py tests/test_ppo.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import nn
+
+from dataengine import config as cfg
+from train import rl
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "vlmr-ppo-state/1"
+SFT_ADAPTER, POLICY_ADAPTER, REWARD_ADAPTER, VALUE_ADAPTER = "default", "policy", "reward", "value"
+# Settings a resumed run must share with the checkpoint: they fix the data order and the plan.
+PLAN_FIELDS = ("shards", "stages", "sft", "reward_model", "rollout_batch", "step_batch", "micro_batch",
+               "ppo_epochs", "epochs", "steps", "shuffle", "window", "seed", "lora_r", "lora_alpha", "qlora",
+               "max_new_tokens", "generation_batch", "max_length", "temperature")
+
+
+@dataclass
+class PPOConfig:
+    """PPO of the SFT video LMM against a frozen reward model (QLoRA policy, value from the RM)."""
+
+    shards: str = "shards/demo"
+    """Prompt shards made by `vlmr build-shards` (first human turn = prompt; answers ignored)."""
+    stages: list[str] = field(default_factory=lambda: ["easy", "hard"])
+    """Stages of the shard set to take prompts from, in this order."""
+    sft: str = "runs/sft/model"
+    """The SFT model folder (`vlmr train sft`): the policy's start and the frozen reference."""
+    reward_model: str = "runs/rm/model"
+    """The reward model folder (`vlmr train rm`): frozen scorer, and the value model's start."""
+    output: str = "runs/ppo"
+    """Run folder: config.json, metrics.jsonl, checkpoints/, and model/ (the PPO policy)."""
+    lora_r: int = 64
+    """Rank of the PPO adapter on the policy."""
+    lora_alpha: float = 16
+    lora_targets: list[str] = field(default_factory=list)
+    """Modules the PPO adapter wraps (default: the SFT adapter's)."""
+    qlora: bool = True
+    """Load the shared base LM 4-bit nf4 (bitsandbytes) under the adapters."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-2 (generation needs whole weights on every rank)."""
+    rollout_batch: int = 256
+    """Prompts per PPO step over all ranks."""
+    step_batch: int = 128
+    """Samples per optimizer step (PPO minibatch) over all ranks."""
+    micro_batch: int = 8
+    """Sequences per rank per forward pass (update, old logprobs, reference, values)."""
+    generation_batch: int = 32
+    """Prompts per rank per generate call."""
+    max_new_tokens: int = 896
+    """Length budget of a response (tokens, EOS included)."""
+    max_length: int = 2048
+    """Longest prompt + response the model sees, video rows included; longer prompts are skipped (counted)."""
+    temperature: float = 1.0
+    """Sampling temperature; the logprobs of rollout, reference and update use the same."""
+    kl_coef: float = 0.1
+    """β of the per-token KL penalty (k1); the starting value when adaptive."""
+    kl_target: float = 0.0
+    """Per-sequence KL target for the adaptive controller (0: β stays fixed)."""
+    kl_horizon: float = 10000
+    """Horizon (samples) of the adaptive KL controller."""
+    penalize_no_eos: bool = True
+    """Replace the score of a response without EOS by no_eos_penalty."""
+    no_eos_penalty: float = -8.0
+    length_penalty: float = 0.0
+    """Subtracted from the score per valid response token (0: none)."""
+    gamma: float = 1.0
+    lam: float = 1.0
+    """GAE λ."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the valid tokens of the whole rollout (all ranks)."""
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    """Weight of the value loss in the summed loss."""
+    ppo_epochs: int = 2
+    """Passes over each rollout."""
+    lr: float = 1e-5
+    min_lr_ratio: float = 1.0
+    """Final LR as a fraction of the peak (1: constant after warmup)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Gradient norm clipping over policy and value parameters (0 turns it off)."""
+    epochs: int = 1
+    """Passes over the prompts."""
+    steps: int = 0
+    """PPO steps of the run (0: every full rollout of `epochs` passes); sets the LR schedule."""
+    shuffle: Literal["window", "none", "stage"] = "stage"
+    """Prompt order; 'stage' is a uniform shuffle within each stage."""
+    window: int = 64
+    on_error: Literal["raise", "skip"] = "raise"
+    """Corrupt shard data: stop naming the shard, or skip and count it."""
+    seed: int = 0
+    """Seeds the PPO adapter, the prompt order, sampling and minibatches."""
+    save_every: int = 0
+    """Write a checkpoint every N PPO steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    resume: bool = False
+    """Continue from OUTPUT/checkpoints/latest (same ranks and plan settings)."""
+    max_steps: int = 0
+    """Stop after this many PPO steps as an interrupted run would, saving nothing at the stop."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        cfg.check(p, bool(self.stages), "--stages: at least one stage")
+        cfg.check(p, self.lora_r >= 1 and self.lora_alpha > 0, "--lora-r must be >= 1, --lora-alpha > 0")
+        cfg.check(p, self.zero_stage in (0, 1, 2), f"--zero-stage must be 0..2, got {self.zero_stage}")
+        for name in ("rollout_batch", "step_batch", "micro_batch", "generation_batch", "max_new_tokens",
+                     "ppo_epochs", "epochs"):
+            cfg.check(p, getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        cfg.check(p, self.rollout_batch % self.step_batch == 0,
+                  f"--rollout-batch {self.rollout_batch} must be a multiple of --step-batch {self.step_batch} "
+                  "(each sample is used exactly once per PPO epoch)")
+        cfg.check(p, self.max_length > self.max_new_tokens, "--max-length must exceed --max-new-tokens")
+        cfg.check(p, self.temperature > 0, "--temperature must be > 0")
+        cfg.check(p, self.kl_coef >= 0 and self.kl_target >= 0 and self.kl_horizon > 0,
+                  "--kl-coef and --kl-target must be >= 0, --kl-horizon > 0")
+        cfg.check(p, self.length_penalty >= 0, "--length-penalty must be >= 0")
+        cfg.check(p, 0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "--gamma and --lam must be in [0, 1]")
+        cfg.check(p, self.clip_range > 0 and self.value_clip_range > 0, "clip ranges must be > 0")
+        cfg.check(p, self.vf_coef >= 0, "--vf-coef must be >= 0")
+        cfg.check(p, self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be > 0, --min-lr-ratio in [0, 1]")
+        cfg.check(p, self.warmup_steps >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0,
+                  "--warmup-steps, --weight-decay and --grad-clip must be >= 0")
+        cfg.check(p, self.steps >= 0 and self.max_steps >= 0 and self.save_every >= 0 and self.keep_checkpoints >= 0,
+                  "--steps, --max-steps, --save-every and --keep-checkpoints must be >= 0")
+        cfg.check(p, self.window >= 1, "--window must be >= 1")
+        cfg.raise_problems(p, "ppo settings")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Per-rank batch sizes of a run, checked against the number of ranks."""
+
+    rollout: int
+    """Prompts per rank per step."""
+    minibatch: int
+    """Samples per rank per optimizer step."""
+    micro: int
+    grad_accum: int
+
+    @classmethod
+    def of(cls, config: PPOConfig, world_size: int) -> "Sizes":
+        problems = []
+        if config.rollout_batch % world_size or config.step_batch % world_size:
+            problems.append(f"--rollout-batch {config.rollout_batch} and --step-batch {config.step_batch} "
+                            f"must be multiples of the {world_size} ranks")
+        minibatch = config.step_batch // world_size
+        if minibatch % config.micro_batch:
+            problems.append(f"--step-batch per rank ({minibatch}) must be a multiple of --micro-batch "
+                            f"{config.micro_batch}")
+        cfg.raise_problems(problems, f"ppo batch sizes on {world_size} rank(s)")
+        return cls(config.rollout_batch // world_size, minibatch, config.micro_batch,
+                   minibatch // config.micro_batch)
+
+
+# ---------------------------------------------------------------------------- models
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _saved_settings(folder: str | os.PathLike) -> dict[str, Any]:
+    from train.model import MODEL_CONFIG
+
+    path = Path(folder) / MODEL_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: no {MODEL_CONFIG} (not a saved model folder)")
+    return json.loads(path.read_text())["settings"]
+
+
+def _reward_parts(folder: str | os.PathLike, hidden: int, dtype: torch.dtype):
+    """The RM's projector, head and saved settings (context, max_length, statistics)."""
+    from safetensors.torch import load_file
+
+    from train.model import PROJECTOR_FILE, make_projector
+    from train.reward import FORMAT, HEAD_FILE, REWARD_CONFIG, RewardStats
+
+    folder = Path(folder)
+    config_path = folder / REWARD_CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"{folder}: no {REWARD_CONFIG} (not a saved reward model)")
+    data = json.loads(config_path.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{config_path}: unknown format {data.get('format')!r}, expected {FORMAT!r}")
+    stats = RewardStats(**data["stats"])
+    if stats.count <= 0:
+        raise ValueError(f"{config_path}: the reward model has no reward statistics to normalise with "
+                         "(a mid-run checkpoint?): use the final model folder written by `vlmr train rm`")
+    projector = make_projector(int(_saved_settings(folder)["feat_dim"]), hidden)
+    projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+    head = nn.Linear(hidden, 1)
+    head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+    return projector.to(dtype), head.to(dtype), data, stats
+
+
+class ActorCritic(nn.Module):
+    """Policy, reference, reward and value model as adapters on shared base(s).
+
+    Build with :meth:`load`. The forward used for training and for the rollout's old
+    logprobs is :meth:`forward`; :meth:`reference_logprobs`, :meth:`score` and
+    :meth:`generate` are the other uses. Every method switches the adapters it needs.
+    Views (``policy``, ``reward``, ``value``) are VideoLMM / RewardModel objects over the
+    shared modules, kept outside this module's registry so every weight is registered once.
+    """
+
+    def __init__(self, lm: nn.Module, critic_lm: nn.Module | None, policy_projector: nn.Module,
+                 reward_projector: nn.Module, reward_head: nn.Linear, value_head: nn.Linear, tokenizer,
+                 sft_settings: dict[str, Any], rm_settings: dict[str, Any], rm_config: dict[str, Any], stats,
+                 temperature: float, reward_adapter: str, qlora: bool, dtype_name: str):
+        from train.model import ModelSettings, VideoLMM
+        from train.reward import RewardModel
+
+        super().__init__()
+        self.lm = lm
+        self.critic_lm = critic_lm  # None: the critic adapters live on self.lm
+        self.policy_projector = policy_projector
+        self.reward_projector = reward_projector
+        self.reward_head = reward_head
+        self.value_head = value_head
+        self.temperature = temperature
+        self.sft_settings = sft_settings
+        self.qlora, self.dtype_name = qlora, dtype_name
+        shared = critic_lm if critic_lm is not None else lm
+        # Plain dict: the views reuse the modules above and must not register them twice.
+        self.views = {
+            "policy": VideoLMM(lm, policy_projector, tokenizer, ModelSettings(**sft_settings)),
+            "reward": RewardModel(VideoLMM(shared, reward_projector, tokenizer, ModelSettings(**rm_settings)),
+                                  reward_head, context=rm_config["context"],
+                                  max_length=int(rm_config["max_length"]), stats=stats),
+            "value": RewardModel(VideoLMM(shared, reward_projector, tokenizer, ModelSettings(**rm_settings)),
+                                 value_head),
+        }
+        self.adapters = {"policy": (lm, [SFT_ADAPTER, POLICY_ADAPTER]), "reference": (lm, [SFT_ADAPTER]),
+                         "reward": (shared, [reward_adapter]), "value": (shared, [VALUE_ADAPTER])}
+        self.layers = {id(m): [x for x in m.modules() if _is_tuner_layer(x)] for m in (lm, shared)}
+        # The <video> placeholder is no word the policy may say (a second one in a sequence
+        # cannot be spliced): its logit is -inf at every use of the LM head — sampling,
+        # old/reference/update logprobs alike.
+        head = lm.get_base_model().get_output_embeddings()
+        self._suppress = head.register_forward_hook(SuppressToken(self.views["policy"].video_token_id))
+        self.trainable = [p for p in self.parameters() if p.requires_grad]
+        self.active: dict[int, tuple[str, ...]] = {}
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def load(cls, config: PPOConfig) -> "ActorCritic":
+        """The SFT model (4-bit base with ``qlora``) with a fresh seeded PPO adapter, and the
+        reward model's adapter twice on the same base when the bases match: frozen
+        ("reward") and trainable ("value", with a zero head)."""
+        from peft import LoraConfig
+
+        from dataengine.models import load_tokenizer, resolve_lm
+        from train.model import VideoLMM
+
+        dtype_name = "bfloat16" if config.precision == "bf16" else "float32"
+        sft_settings = _saved_settings(config.sft)
+        rm_settings = _saved_settings(config.reward_model)
+        policy = VideoLMM.load(config.sft, qlora=config.qlora, dtype=dtype_name)
+        if load_tokenizer(config.reward_model).get_vocab() != policy.tokenizer.get_vocab():
+            raise ValueError(f"{config.reward_model}: the reward model's tokenizer is not the SFT model's "
+                             f"({config.sft}); PPO scores the policy's token ids as they are")
+        lm = policy.lm
+        targets = list(config.lora_targets) or list(sft_settings["lora_targets"])
+        with _seeded(config.seed):
+            lm.add_adapter(POLICY_ADAPTER, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                      lora_dropout=0.0, target_modules=targets, bias="none",
+                                                      task_type="CAUSAL_LM"))
+        same_base = resolve_lm(sft_settings["lm"]).resolve() == resolve_lm(rm_settings["lm"]).resolve()
+        if same_base:
+            lm.load_adapter(config.reward_model, adapter_name=REWARD_ADAPTER, is_trainable=False)
+            critic_lm, reward_adapter = None, REWARD_ADAPTER
+        else:
+            log.info("the reward model's base (%s) is not the SFT model's (%s): the reward and value "
+                     "adapters get a base of their own", rm_settings["lm"], sft_settings["lm"])
+            critic = VideoLMM.load(config.reward_model, qlora=config.qlora, dtype=dtype_name)
+            critic_lm, reward_adapter = critic.lm, SFT_ADAPTER  # the RM's LoRA is that model's "default"
+        shared = critic_lm if critic_lm is not None else lm
+        shared.load_adapter(config.reward_model, adapter_name=VALUE_ADAPTER, is_trainable=True)
+        hidden = int(shared.get_base_model().config.hidden_size)
+        reward_projector, reward_head, rm_config, stats = _reward_parts(config.reward_model, hidden, policy.dtype)
+        value_head = nn.Linear(hidden, 1).to(policy.dtype)
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+        # Freeze everything, then open exactly the PPO adapter, the value adapter and the value head.
+        for module in (lm, shared, policy.projector, reward_projector, reward_head):
+            module.requires_grad_(False)
+        for module in (lm, shared):
+            for name, param in module.named_parameters():
+                if _adapter_of(name) in (POLICY_ADAPTER, VALUE_ADAPTER):
+                    param.requires_grad_(True)
+        value_head.requires_grad_(True)
+        model = cls(lm, critic_lm, policy.projector, reward_projector, reward_head, value_head, policy.tokenizer,
+                    sft_settings, rm_settings, rm_config, stats, config.temperature, reward_adapter,
+                    config.qlora, dtype_name)
+        return model
+
+    @property
+    def tokenizer(self):
+        return self.views["policy"].tokenizer
+
+    @property
+    def reward(self):
+        return self.views["reward"]
+
+    def use(self, role: str) -> None:
+        """Make ``role``'s adapters the active ones (policy, reference, reward, value).
+
+        peft's set_adapter also changes requires_grad; the trainable set is restored at once,
+        so the optimizer's parameters keep receiving gradients.
+        """
+        lm, names = self.adapters[role]
+        if self.active.get(id(lm)) == tuple(names):
+            return
+        for layer in self.layers[id(lm)]:
+            layer.set_adapter(list(names), inference_mode=True)
+        for param in self.trainable:
+            param.requires_grad_(True)
+        self.active[id(lm)] = tuple(names)
+
+    # -- forwards ----------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, feat, attention_mask: torch.Tensor, positions: torch.Tensor,
+                responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Policy logprobs, values and (detached) entropy of the response tokens.
+
+        input_ids, attention_mask (b, L): prompt + valid response tokens, right-padded
+        (:func:`sequence_inputs`); positions (b, T): the spliced positions whose outputs
+        predict each response token; responses (b, T) → three (b, T) float32 tensors.
+        """
+        logits = self._logits("policy", input_ids, feat, attention_mask, positions)
+        logprobs = rl.logprobs_from_logits(logits, responses, self.temperature)
+        entropy = rl.entropy_from_logits(logits.detach(), self.temperature)
+        return logprobs, self.values(input_ids, feat, attention_mask, positions), entropy
+
+    def _logits(self, role: str, input_ids, feat, attention_mask, positions) -> torch.Tensor:
+        self.use(role)
+        # logits_to_keep with (b, T) positions: the LM head runs on the response positions only.
+        out = self.views["policy"](input_ids, feat, attention_mask, logits_to_keep=positions)
+        return out.logits
+
+    def values(self, input_ids, feat, attention_mask, positions) -> torch.Tensor:
+        """The value head on the final hidden state at each response position (b, T)."""
+        self.use("value")
+        hidden, _ = self.views["value"].hidden_states(input_ids, feat, attention_mask)
+        picked = torch.take_along_dim(hidden, positions.unsqueeze(-1), dim=1)
+        return self.value_head(picked.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def reference_logprobs(self, input_ids, feat, attention_mask, positions, responses) -> torch.Tensor:
+        """log π_ref of the response tokens: the same computation with the PPO adapter off."""
+        logits = self._logits("reference", input_ids, feat, attention_mask, positions)
+        return rl.logprobs_from_logits(logits, responses, self.temperature)
+
+    @torch.no_grad()
+    def score(self, feat, prompts: Sequence[str], responses: Sequence[Sequence[int]],
+              narratives: Sequence[str] | None, batch_size: int) -> torch.Tensor:
+        """Raw reward-model scores (B,) of generated responses (token ids, cut at EOS)."""
+        self.use("reward")
+        return self.reward.score(feat, prompts, responses, narratives=narratives, batch_size=batch_size)
+
+    @torch.no_grad()
+    def generate(self, feat, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int):
+        self.use("policy")
+        return self.views["policy"].generate(feat, prompt_ids, max_new_tokens=max_new_tokens,
+                                             temperature=self.temperature, do_sample=True, seed=seed)
+
+    # -- saving --------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """CPU copies of what :meth:`save` writes: the SFT and PPO adapters (peft key format)
+        and the policy's projector. (The value adapter and head travel in DeepSpeed's files.)"""
+        from peft import get_peft_model_state_dict
+
+        def cpu(state):
+            return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+        return {"sft": cpu(get_peft_model_state_dict(self.lm, adapter_name=SFT_ADAPTER)),
+                "policy": cpu(get_peft_model_state_dict(self.lm, adapter_name=POLICY_ADAPTER)),
+                "projector": cpu(self.policy_projector.state_dict())}
+
+    def save(self, folder: str | os.PathLike, state: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+        """Write the PPO policy as a ``VideoLMM`` folder: SFT and PPO LoRA concatenated.
+
+        For each wrapped module, B_sft·A_sft·s_sft + B_ppo·A_ppo·s_ppo
+        = [B_sft·s_sft | B_ppo·s_ppo]·[A_sft; A_ppo], a LoRA of rank r_sft + r_ppo with scaling 1
+        (alpha = r). The value adapter and head
+        are in the DeepSpeed part of a checkpoint (``deepspeed/``), which ``--resume`` reads.
+        """
+        from dataclasses import asdict
+
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        from dataengine.schema import write_text_atomic
+        from train.model import FORMAT, MODEL_CONFIG, PROJECTOR_FILE, ModelSettings
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = state or self.trainable_state()
+        adapter, rank, targets = concat_lora([state["sft"], state["policy"]], self._scalings())
+        LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=sorted(targets), bias="none",
+                   task_type="CAUSAL_LM").save_pretrained(str(folder))
+        save_file(adapter, str(folder / "adapter_model.safetensors"))
+        save_file(state["projector"], str(folder / PROJECTOR_FILE), metadata={"format": FORMAT})
+        self.tokenizer.save_pretrained(str(folder))
+        settings = ModelSettings(**{**self.sft_settings, "lora_r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+                                    "lora_targets": sorted(targets), "qlora": self.qlora, "dtype": self.dtype_name})
+        write_text_atomic(folder / MODEL_CONFIG, json.dumps({"format": FORMAT, "settings": asdict(settings)},
+                                                            indent=1) + "\n")
+        return folder
+
+    def _scalings(self) -> list[dict[str, float]]:
+        """Per wrapped module (peft key prefix): the scaling of the SFT and of the PPO adapter."""
+        out: list[dict[str, float]] = [{}, {}]
+        for name, module in self.lm.named_modules():
+            scaling = getattr(module, "scaling", None)
+            if _is_tuner_layer(module) and isinstance(scaling, dict):
+                for k, adapter in enumerate((SFT_ADAPTER, POLICY_ADAPTER)):
+                    if adapter in scaling:
+                        out[k][name] = float(scaling[adapter])
+        return out
+
+
+class SuppressToken:
+    """Forward hook for an LM head: the logit of ``token_id`` becomes -inf (never sampled)."""
+
+    def __init__(self, token_id: int):
+        self.token_id = token_id
+
+    def __call__(self, module: nn.Module, inputs, logits: torch.Tensor) -> torch.Tensor:
+        if self.token_id >= logits.shape[-1]:
+            return logits
+        return logits.index_fill(-1, torch.tensor([self.token_id], device=logits.device), float("-inf"))
+
+
+def _is_tuner_layer(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
+
+
+def _adapter_of(param_name: str) -> str | None:
+    """'...q_proj.lora_A.policy.weight' → 'policy' (None for non-LoRA parameters)."""
+    parts = param_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+            return parts[i + 1]
+    return None
+
+
+def concat_lora(adapters: Sequence[dict[str, torch.Tensor]], scalings: Sequence[dict[str, float]]
+                ) -> tuple[dict[str, torch.Tensor], int, set[str]]:
+    """One LoRA (scaling 1) computing the sum of several: A = [A_1; A_2; ...], B = [s_1·B_1 | s_2·B_2 | ...].
+
+    ``adapters``: peft-format state dicts ('{module}.lora_A.weight' (r, in), '{module}.lora_B.weight'
+    (out, r)); ``scalings``: per adapter, module → scaling. A module one adapter does not wrap
+    gets zero blocks for it. Returns (state dict, total rank, wrapped module short names).
+    """
+    a_key, b_key = "{}.lora_A.weight", "{}.lora_B.weight"
+    ranks = []
+    for state in adapters:
+        found = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+        if len(found) != 1:
+            raise ValueError(f"cannot concatenate an adapter with ranks {sorted(found)} (one rank per adapter)")
+        ranks.append(found.pop())
+    modules = sorted({k[: -len(".lora_A.weight")] for s in adapters for k in s if k.endswith(".lora_A.weight")})
+    out: dict[str, torch.Tensor] = {}
+    for module in modules:
+        # in/out widths and dtype from any adapter that wraps this module
+        a_any, b_any = next((s[a_key.format(module)], s[b_key.format(module)]) for s in adapters
+                            if a_key.format(module) in s)
+        blocks_a, blocks_b = [], []
+        for state, scaling, rank in zip(adapters, scalings, ranks):
+            if a_key.format(module) in state:
+                blocks_a.append(state[a_key.format(module)].float())
+                blocks_b.append(state[b_key.format(module)].float() * scaling[module])
+            else:
+                blocks_a.append(torch.zeros(rank, a_any.shape[1]))
+                blocks_b.append(torch.zeros(b_any.shape[0], rank))
+        out[a_key.format(module)] = torch.cat(blocks_a, 0).to(a_any.dtype).contiguous()
+        out[b_key.format(module)] = torch.cat(blocks_b, 1).to(b_any.dtype).contiguous()
+    return out, sum(ranks), {m.rsplit(".", 1)[-1] for m in modules}
+
+
+# ---------------------------------------------------------------------------- data
+
+class PromptPreparer:
+    """Runs in the reader's read-ahead thread: the prompt's token ids and the length check.
+
+    The prompt is the first human turn (its ``<video>`` placeholder included). A prompt whose
+    spliced length plus ``max_new_tokens`` exceeds ``max_length`` is left out (None: the
+    reader counts it and fills its slot) — decided from the sample alone, so every rank
+    decides the same, before any batch is built.
+    """
+
+    def __init__(self, tokenizer, max_length: int, max_new_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_new_tokens = max_new_tokens
+        self.counts = {"fit": 0, "too_long": 0}
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        from train import conversation
+
+        try:
+            first = sample["json"]["conversations"][0]
+            if first.get("from") not in ("human", "user"):
+                raise ValueError(f"the first turn is from {first.get('from')!r}, not a human prompt")
+            question = first["value"]
+            ids = conversation.prompt_ids(question, self.tokenizer)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ValueError(f"sample {sample.get('key', '?')}: no prompt: {exc}") from exc
+        video = conversation.video_token_id(self.tokenizer)
+        length = conversation.spliced_length(len(ids), ids.count(video), int(sample["feat"].shape[0]))
+        if length + self.max_new_tokens > self.max_length:
+            self.counts["too_long"] += 1
+            log.info("prompt of %s: %d tokens + %d new > max_length %d: left out", sample.get("key"), length,
+                     self.max_new_tokens, self.max_length)
+            return None
+        self.counts["fit"] += 1
+        return dict(sample, prompt_ids=ids, question=question)
+
+
+def make_reader(config: PPOConfig, epoch: int, dist, rollout: int, prepare=None):
+    from dataengine.reader import ShardReader
+
+    return ShardReader(config.shards, stages=list(config.stages), rank=dist.rank, world_size=dist.world_size,
+                       batch_size=rollout, shuffle=config.shuffle, window=config.window, seed=config.seed,
+                       epoch=epoch, fields=("json", "feat"), on_error=config.on_error, guard=prepare)
+
+
+def plan_steps(config: PPOConfig, dist, sizes: Sizes) -> list[int]:
+    """PPO steps of each prompt epoch (from the manifest alone), capped by ``steps``."""
+    per_epoch = len(make_reader(config, 0, dist, sizes.rollout)) // sizes.rollout
+    if per_epoch == 0:
+        raise ValueError(f"{config.shards}: stages {config.stages} hold fewer than one rollout of "
+                         f"{sizes.rollout} prompts per rank on {dist.world_size} rank(s)")
+    plan = [per_epoch] * config.epochs
+    if config.steps:
+        if config.steps > sum(plan):
+            raise ValueError(f"--steps {config.steps} needs more prompts than --epochs {config.epochs} give "
+                             f"({sum(plan)} steps of {config.rollout_batch})")
+        left, capped = config.steps, []
+        for n in plan:
+            capped.append(min(n, left))
+            left -= capped[-1]
+        plan = [n for n in capped if n]
+    return plan
+
+
+# ---------------------------------------------------------------------------- rollout
+
+@dataclass
+class Rollout:
+    """One rank's rollout: B samples, response tensors (B, T); frozen during the update."""
+
+    keys: list[str]
+    feats: list[torch.Tensor]
+    prompt_ids: list[list[int]]
+    responses: torch.Tensor
+    """(B, T) sampled ids; pad after the generated length."""
+    lengths: torch.Tensor
+    """(B,) generated tokens per row."""
+    mask: torch.Tensor
+    """(B, T) valid tokens: up to and including the first EOS."""
+    ended: torch.Tensor
+    raw_scores: torch.Tensor
+    """(B,) the reward model's raw scores."""
+    scores: torch.Tensor
+    """(B,) normalised with the RM's statistics."""
+    shaped_scores: torch.Tensor
+    """(B,) after the no-EOS and length penalties: what is added at the last valid token."""
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    substitutes: int = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def sequence_inputs(model: ActorCritic, ro_prompts: Sequence[Sequence[int]], responses: torch.Tensor,
+                    mask: torch.Tensor, feats: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """Model inputs for rows of a rollout: prompt + valid response tokens, right-padded.
+
+    responses, mask (b, T). Tokens after the first EOS never enter the model. Returns
+    ``input_ids``, ``attention_mask`` (b, L), ``feat`` ((b, N, D) or b tensors) and
+    ``positions`` (b, T): the spliced position whose output predicts response token t of
+    each row, i.e. (spliced prompt length) - 1 + t, clamped into the batch's length on
+    padding (masked anyway).
+    """
+    from train import conversation
+    from train.model import pad_sequences
+
+    video = model.views["policy"].video_token_id
+    counts = mask.sum(1).long().tolist()
+    rows = [list(p) + responses[i, :counts[i]].tolist() for i, p in enumerate(ro_prompts)]
+    input_ids, attention_mask = pad_sequences(rows, model.views["policy"].pad_token_id, side="right")
+    starts = torch.tensor([conversation.spliced_length(len(p), list(p).count(video), int(f.shape[0]))
+                           for p, f in zip(ro_prompts, feats)])
+    spliced = int((starts + torch.tensor(counts)).max())
+    T = responses.shape[1]
+    positions = (starts.unsqueeze(1) - 1 + torch.arange(T).unsqueeze(0)).clamp(max=spliced - 1)
+    same = all(f.shape == feats[0].shape for f in feats)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions,
+            "feat": torch.stack(list(feats)) if same else list(feats)}
+
+
+def _to(inputs: dict[str, Any], device) -> dict[str, Any]:
+    feat = inputs["feat"]
+    return {"input_ids": inputs["input_ids"].to(device), "attention_mask": inputs["attention_mask"].to(device),
+            "positions": inputs["positions"].to(device),
+            "feat": feat.to(device) if isinstance(feat, torch.Tensor) else [f.to(device) for f in feat]}
+
+
+def epoch_plan(n: int, sizes: Sizes, seed: int, step: int, epoch: int, rank: int) -> list[list[torch.Tensor]]:
+    """Minibatches (each a list of micro-batch index tensors) of one PPO epoch of a rollout.
+
+    Seeded by (seed, step, epoch, rank) only, so a resumed run draws the same; the rollout's
+    old logprobs are computed in epoch 0's micro-batches, which the first update repeats.
+    """
+    minibatches = rl.minibatch_indices(n, sizes.minibatch, seed=_mix(seed, step, epoch, rank, 1))
+    return [list(mb.split(sizes.micro)) for mb in minibatches]
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (deterministic; no hash randomisation)."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value * 6364136223846793005 + int(part) + 1442695040888963407) % (1 << 63)
+    return value
+
+
+def rollout(model: ActorCritic, samples: Sequence[dict[str, Any]], config: PPOConfig, sizes: Sizes, *,
+            step: int, rank: int, device, kl_coef: float, all_reduce=None) -> tuple[Rollout, dict[str, float]]:
+    """Generate, score and evaluate one rank's rollout; returns it and the time split."""
+    t0 = time.perf_counter()
+    responses, lengths = generate_responses(model, samples, config, step=step, rank=rank, device=device)
+    generated = time.perf_counter() - t0
+    ro, times = evaluate_rollout(model, samples, responses, lengths, config, sizes, step=step, rank=rank,
+                                 device=device, kl_coef=kl_coef, all_reduce=all_reduce)
+    return ro, {"generate": generated, **times}
+
+
+def generate_responses(model: ActorCritic, samples: Sequence[dict[str, Any]], config: PPOConfig, *, step: int,
+                       rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled responses (B, T), right-padded, and their generated lengths (B,).
+
+    Batches of ``generation_batch`` prompts with the KV cache; each batch's sampler is
+    seeded by (seed, step, rank, batch), so a resumed run samples the same responses.
+    """
+    from train.model import pad_sequences
+
+    model.eval()
+    token_lists: list[list[int]] = []
+    for k, lo in enumerate(range(0, len(samples), config.generation_batch)):
+        chunk = samples[lo:lo + config.generation_batch]
+        gen = model.generate([torch.as_tensor(s["feat"]).to(device) for s in chunk],
+                             [list(s["prompt_ids"]) for s in chunk], max_new_tokens=config.max_new_tokens,
+                             seed=_mix(config.seed, step, rank, k, 0))
+        token_lists.extend(gen.token_ids)
+    pad = model.views["policy"].pad_token_id
+    responses, _ = pad_sequences([t or [pad] for t in token_lists], pad, side="right")
+    return responses, torch.tensor([len(t) for t in token_lists])
+
+
+def evaluate_rollout(model: ActorCritic, samples: Sequence[dict[str, Any]], responses: torch.Tensor,
+                     lengths: torch.Tensor, config: PPOConfig, sizes: Sizes, *, step: int, rank: int, device,
+                     kl_coef: float, all_reduce=None) -> tuple[Rollout, dict[str, float]]:
+    """Score responses, compute old/reference logprobs and values, rewards, GAE; all frozen.
+
+    responses (B, T) with ``lengths`` (B,) generated tokens each; tokens after the first EOS
+    are padding whatever their ids.
+    """
+    times = {"score": 0.0, "forward": 0.0}
+    n = len(samples)
+    feats = [torch.as_tensor(s["feat"]) for s in samples]
+    prompts = [list(s["prompt_ids"]) for s in samples]
+    mask, ended = rl.response_mask(responses, model.views["policy"].eos_token_id, lengths)
+    # Tokens after the first EOS are padding, whatever was there.
+    responses = responses.masked_fill(mask == 0, model.views["policy"].pad_token_id)
+    model.eval()
+
+    # -- score with the frozen reward model ----------------------------------------------
+    t0 = time.perf_counter()
+    counts = mask.sum(1).long().tolist()
+    narratives = [_narrative(s) for s in samples] if model.reward.context == "narrative" else None
+    raw = model.score([f.to(device) for f in feats], [s["question"] for s in samples],
+                      [responses[i, :counts[i]].tolist() for i in range(n)], narratives, sizes.micro).cpu()
+    scores = model.reward.normalise(raw)
+    shaped = rl.shaped_scores(scores, ended, mask.sum(1), no_eos_penalty=config.no_eos_penalty
+                              if config.penalize_no_eos else None, length_penalty=config.length_penalty)
+    times["score"] = time.perf_counter() - t0
+
+    # -- old logprobs, values and reference logprobs, in epoch 0's micro-batches ----------
+    t0 = time.perf_counter()
+    T = responses.shape[1]
+    logprobs, ref_logprobs, values, entropy = (torch.zeros(n, T) for _ in range(4))
+    with torch.no_grad():
+        for minibatch in epoch_plan(n, sizes, config.seed, step, 0, rank):
+            for idx in minibatch:
+                inputs = _to(sequence_inputs(model, [prompts[i] for i in idx], responses[idx], mask[idx],
+                                             [feats[i] for i in idx]), device)
+                resp = responses[idx].to(device)
+                lp, v, ent = model(inputs["input_ids"], inputs["feat"], inputs["attention_mask"],
+                                   inputs["positions"], resp)
+                ref = model.reference_logprobs(inputs["input_ids"], inputs["feat"], inputs["attention_mask"],
+                                               inputs["positions"], resp)
+                logprobs[idx], values[idx], entropy[idx], ref_logprobs[idx] = lp.cpu(), v.cpu(), ent.cpu(), ref.cpu()
+    # Padding carries nothing: exactly 0 in every rollout tensor.
+    logprobs, ref_logprobs, values, entropy = (rl.only_valid(x, mask)
+                                               for x in (logprobs, ref_logprobs, values, entropy))
+    rewards, kl = rl.kl_penalized_rewards(shaped, logprobs, ref_logprobs, mask, kl_coef)
+    advantages, returns = rl.gae(rewards, values, mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantages = rl.masked_whiten(advantages, mask, all_reduce=all_reduce)
+    times["forward"] = time.perf_counter() - t0
+    ro = Rollout(keys=[s.get("key", "") for s in samples], feats=feats, prompt_ids=prompts, responses=responses,
+                 lengths=lengths, mask=mask, ended=ended, raw_scores=raw, scores=scores, shaped_scores=shaped,
+                 logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, entropy=entropy, rewards=rewards,
+                 kl=kl, advantages=advantages, returns=returns,
+                 substitutes=sum(1 for s in samples if s.get("substitute_for")))
+    return ro, times
+
+
+def _narrative(sample: dict[str, Any]) -> str:
+    narrative = sample["json"].get("narrative")
+    if not isinstance(narrative, str):
+        raise ValueError(f"sample {sample.get('key', '?')}: the reward model scores with the narrative as "
+                         "context, but the prompt shards carry none (use shards written by `vlmr narrate`)")
+    return narrative
+
+
+# ---------------------------------------------------------------------------- update
+
+def ppo_step(engine, model: ActorCritic, ro: Rollout, config: PPOConfig, sizes: Sizes, *, step: int, rank: int,
+             device) -> dict[str, Any]:
+    """``ppo_epochs`` passes over the rollout in minibatches, one optimizer step each.
+
+    Returns this rank's sums for the metrics line and ``records``: one per micro-batch
+    (epoch, minibatch, sample indices, mean ratio, clipfrac, max |logπ - logπ_old|).
+    """
+    model.train()
+    sums = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "vf_clipfrac": 0.0, "approx_kl": 0.0, "ratio": 0.0,
+            "micro_batches": 0.0}
+    records = []
+    for epoch in range(config.ppo_epochs):
+        for m, minibatch in enumerate(epoch_plan(len(ro), sizes, config.seed, step, epoch, rank)):
+            for idx in minibatch:
+                inputs = _to(sequence_inputs(model, [ro.prompt_ids[i] for i in idx], ro.responses[idx],
+                                             ro.mask[idx], [ro.feats[i] for i in idx]), device)
+                mask = ro.mask[idx].to(device)
+                logprobs, values, _ = engine(inputs["input_ids"], inputs["feat"], inputs["attention_mask"],
+                                             inputs["positions"], ro.responses[idx].to(device))
+                old = ro.logprobs[idx].to(device)
+                pg = rl.policy_loss(logprobs, old, ro.advantages[idx].to(device), mask, config.clip_range)
+                vf_loss, vf_clipfrac = rl.value_loss(values, ro.values[idx].to(device), ro.returns[idx].to(device),
+                                                     mask, config.value_clip_range)
+                loss = pg.loss + config.vf_coef * vf_loss
+                engine.backward(loss)
+                engine.step()
+                for name, value in (("pg_loss", pg.loss), ("vf_loss", vf_loss), ("clipfrac", pg.clipfrac),
+                                    ("vf_clipfrac", vf_clipfrac), ("approx_kl", pg.approx_kl), ("ratio", pg.ratio)):
+                    sums[name] += float(value.detach())
+                sums["micro_batches"] += 1
+                records.append({"epoch": epoch, "minibatch": m, "indices": idx.tolist(), "ratio": float(pg.ratio),
+                                "clipfrac": float(pg.clipfrac),
+                                "max_logratio": float(rl.only_valid((logprobs.detach() - old).abs(), mask).max())})
+    sums["records"] = records  # type: ignore[assignment]
+    return sums
+
+
+# ---------------------------------------------------------------------------- metrics
+
+METRIC_SUMS = ("samples", "raw_score", "score", "shaped_score", "return", "kl", "entropy_sum", "tokens", "ended",
+               "pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio", "micro_batches",
+               "generate", "score_time", "forward", "train", "substitutes", "value_sq_err", "value_count")
+
+
+def log_metrics(step: int, total_steps: int, ro: Rollout, train_sums: dict[str, Any], times: dict[str, float],
+                kl_coef: float, dist, started: float, first_step: int) -> dict[str, Any]:
+    """Sum this rank's figures over ranks; on rank 0 log the step's line and return the metrics."""
+    from train import launch
+
+    mask = ro.mask
+    seq_kl = rl.sequence_kl(ro.kl, mask)
+    local = {
+        "samples": len(ro), "raw_score": float(ro.raw_scores.sum()), "score": float(ro.scores.sum()),
+        "shaped_score": float(ro.shaped_scores.sum()), "return": float(ro.rewards.sum()),
+        "kl": float(seq_kl.sum()), "entropy_sum": float((ro.entropy * mask).sum()), "tokens": float(mask.sum()),
+        "ended": float(ro.ended.sum()), **{k: float(train_sums[k]) for k in ("pg_loss", "vf_loss", "clipfrac",
+                                                                           "vf_clipfrac", "approx_kl", "ratio",
+                                                                           "micro_batches")},
+        "generate": times["generate"], "score_time": times["score"], "forward": times["forward"],
+        "train": times["train"], "substitutes": float(ro.substitutes),
+        "value_sq_err": float((((ro.values - ro.returns) ** 2) * mask).sum()), "value_count": float(mask.sum()),
+    }
+    total = dict(zip(METRIC_SUMS, launch.all_sum([local[k] for k in METRIC_SUMS])))
+    n, mb, world = max(total["samples"], 1), max(total["micro_batches"], 1), dist.world_size
+    step_time = sum(times.values())
+    elapsed = time.perf_counter() - started
+    metrics = {
+        "step": step, "reward_raw": total["raw_score"] / n, "reward": total["score"] / n,
+        "score_shaped": total["shaped_score"] / n, "return": total["return"] / n, "kl": total["kl"] / n,
+        "kl_coef": kl_coef, "entropy": total["entropy_sum"] / max(total["tokens"], 1),
+        "pg_loss": total["pg_loss"] / mb, "vf_loss": total["vf_loss"] / mb, "clipfrac": total["clipfrac"] / mb,
+        "vf_clipfrac": total["vf_clipfrac"] / mb, "approx_kl": total["approx_kl"] / mb, "ratio": total["ratio"] / mb,
+        "response_len": total["tokens"] / n, "eos_rate": total["ended"] / n,
+        "time_generate": total["generate"] / world, "time_score": (total["score_time"] + total["forward"]) / world,
+        "time_reward_model": total["score_time"] / world, "time_forward": total["forward"] / world,
+        "time_train": total["train"] / world,
+        "rollout_tokens_per_s": total["tokens"] / max(total["generate"] / world, 1e-9),
+        "substitutes": total["substitutes"], "value_mse": total["value_sq_err"] / max(total["value_count"], 1),
+        "eta_s": elapsed / max(1, step - first_step) * (total_steps - step),
+    }
+    if dist.is_main:
+        log.info("step %d/%d | reward %.3f (raw %.3f) | kl %.3f β %.3f | ent %.2f | pg %.4f | vf %.4f | clip %.3f "
+                 "| akl %.4f | len %.1f | eos %.0f%% | gen %.1fs score %.1fs train %.1fs (%.1fs) | eta %s",
+                 step, total_steps, metrics["reward"], metrics["reward_raw"], metrics["kl"], kl_coef,
+                 metrics["entropy"], metrics["pg_loss"], metrics["vf_loss"], metrics["clipfrac"], metrics["approx_kl"],
+                 metrics["response_len"], 100 * metrics["eos_rate"], metrics["time_generate"], metrics["time_score"],
+                 metrics["time_train"], step_time, launch.format_duration(metrics["eta_s"]))
+    return metrics
+
+
+# ---------------------------------------------------------------------------- recipe
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def train(config: PPOConfig, dist) -> dict[str, Any]:
+    """Run (or resume) PPO; returns a summary (steps, last metrics, model path)."""
+    from dataengine.schema import write_text_atomic
+    from train import launch
+    from train.sft import save_final_model
+
+    out = Path(config.output)
+    ckpt_root = out / "checkpoints"
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(config), indent=1) + "\n")
+    torch.manual_seed(config.seed)
+
+    # -- setup, in dependency order: sizes, plan, models, engine, KL controller --------------
+    sizes = Sizes.of(config, dist.world_size)
+    plan = plan_steps(config, dist, sizes)
+    total_steps = sum(plan)
+    model = ActorCritic.load(config)
+    optimizer_steps = total_steps * config.ppo_epochs * (sizes.rollout // sizes.minibatch)
+    ds_config = launch.deepspeed_config(micro_batch=sizes.micro, grad_accum=sizes.grad_accum,
+                                        zero_stage=config.zero_stage, precision=config.precision,
+                                        grad_clip=config.grad_clip)
+    engine, _ = launch.initialize(model, ds_config, lr=config.lr, weight_decay=config.weight_decay,
+                                  warmup_steps=config.warmup_steps, total_steps=optimizer_steps,
+                                  min_lr_ratio=config.min_lr_ratio)
+    kl_ctl = rl.make_kl_controller(config.kl_coef, config.kl_target or None, config.kl_horizon)
+    log.info("ppo: %d rank(s), %d steps (%s) of %d prompts, %d optimizer steps, %s trainable parameters; "
+             "%s", dist.world_size, total_steps, "+".join(map(str, plan)), config.rollout_batch, optimizer_steps,
+             f"{sum(p.numel() for p in model.trainable):,}",
+             "one shared base" if model.critic_lm is None else "two bases (policy / reward+value)")
+
+    # -- resume ---------------------------------------------------------------------------
+    step, epoch, epoch_step, reader_state = 0, 0, 0, None
+    if config.resume:
+        folder = launch.latest_checkpoint(ckpt_root)
+        if folder is None:
+            log.warning("--resume: no checkpoint under %s; starting from the beginning", ckpt_root)
+        else:
+            state, rank_state = launch.load_checkpoint(folder, engine=engine, dist=dist)
+            check_resumable(state, config, folder)
+            step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
+            kl_ctl.load_state_dict(state["kl_controller"])
+            reader_state = rank_state["reader"]
+            log.info("resumed %s: step %d, prompt epoch %d, β %.4f", folder, step, epoch, kl_ctl.value)
+
+    metrics_file = out / "metrics.jsonl"
+    last: dict[str, Any] | None = None
+    stopped, started, first_step = False, time.perf_counter(), step
+    prepare = PromptPreparer(model.tokenizer, config.max_length, config.max_new_tokens)
+
+    # -- the loop: prompt epochs, PPO steps ---------------------------------------------------
+    for e in range(epoch, len(plan)):
+        if e != epoch:
+            epoch_step, reader_state = 0, None
+        reader = make_reader(config, e, dist, sizes.rollout, prepare)
+        if reader_state is not None:
+            reader.load_state_dict(reader_state)
+        prompts = iter(reader)
+        try:
+            while epoch_step < plan[e]:
+                if config.max_steps and step >= config.max_steps:
+                    stopped = True
+                    break
+                samples = [next(prompts) for _ in range(sizes.rollout)]
+                ro, times = rollout(model, samples, config, sizes, step=step, rank=dist.rank, device=dist.device,
+                                    kl_coef=kl_ctl.value, all_reduce=_all_reduce_sum)
+                t0 = time.perf_counter()
+                train_sums = ppo_step(engine, model, ro, config, sizes, step=step, rank=dist.rank, device=dist.device)
+                times["train"] = time.perf_counter() - t0
+                kl_used = kl_ctl.value
+                step += 1
+                epoch_step += 1
+                last = log_metrics(step, total_steps, ro, train_sums, times, kl_used, dist, started, first_step)
+                kl_ctl.update(last["kl"], n_steps=config.rollout_batch)  # every rank: the same all-reduced KL
+                if dist.is_main:
+                    with open(metrics_file, "a", encoding="utf-8") as f:
+                        f.write(json.dumps(last) + "\n")
+                is_last = e == len(plan) - 1 and epoch_step == plan[e]
+                if (config.save_every and step % config.save_every == 0) or is_last:
+                    state = {"format": STATE_FORMAT, "step": step, "epoch": e, "epoch_step": epoch_step,
+                             "kl_controller": kl_ctl.state_dict(), "world_size": dist.world_size,
+                             "config": cfg.to_dict(config), "prompts": dict(prepare.counts)}
+                    launch.save_checkpoint(ckpt_root, step, engine=engine, model=model, trainer_state=state,
+                                           rank_state={"reader": reader.state_dict()}, dist=dist,
+                                           keep=config.keep_checkpoints)
+        finally:
+            prompts.close()
+        report_epoch(e, reader, prepare, dist)
+        if stopped:
+            break
+
+    summary = {"steps": step, "total_steps": total_steps, "stopped_early": stopped, "last": last, "model": None}
+    if not stopped:
+        summary["model"] = str(save_final_model(model, out / "model", dist))
+    return summary
+
+
+def check_resumable(state: dict[str, Any], config: PPOConfig, folder: Path) -> None:
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{folder}: not a PPO checkpoint (format {state.get('format')!r})")
+    saved, now = state["config"], cfg.to_dict(config)
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in PLAN_FIELDS if saved.get(k) != now.get(k)]
+    if diff:
+        raise ValueError(f"{folder}: cannot resume with different plan settings:\n  " + "\n  ".join(diff))
+
+
+def report_epoch(epoch: int, reader, prepare: PromptPreparer, dist) -> None:
+    """Log, summed over ranks, the prompts left out (too long) and what the reader skipped."""
+    from train import launch
+
+    stats = reader.stats()
+    fit, too_long, substituted, skipped = launch.all_sum(
+        [prepare.counts["fit"], prepare.counts["too_long"], stats["substituted"], stats["skipped_total"]])
+    if dist.is_main:
+        log.info("prompt epoch %d: of the prompts read (the reader reads ahead), %d fit and %d were left out as "
+                 "too long; reader skipped %d (their %d slots repeat an earlier prompt)", epoch, fit, too_long,
+                 skipped, substituted)
+
+
+def main(argv: list[str] | None = None, prog: str = "train/ppo.py") -> int:
+    from train.sft import _strip_local_rank
+
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    config = cfg.parse_config(PPOConfig, argv, prog=prog)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from train import launch
+
+    dist = launch.setup_distributed()
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    summary = train(config, dist)
+    if dist.is_main:
+        log.info("ppo: %d/%d steps%s; model: %s", summary["steps"], summary["total_steps"],
+                 " (stopped at --max-steps)" if summary["stopped_early"] else "", summary["model"])
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=os.environ.get("VLMR_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    sys.exit(main())
