@@ -6,7 +6,7 @@ On the same synthetic videos:
            ``ffmpeg -i V -f null -`` decode (best of alternating rounds);
 * encode:  encoder frames/s (tiny CLIP by default; ``--encoder PATH`` for a real one);
 * pack:    MB/s writing paper-size samples (feat 306×1024 + clips 3×276×1024, float16) into
-           tars, against copying the same bytes file to file;
+           tars, against copying the same bytes file to file (both fsync each file);
 * memory:  peak RSS of a whole ``build()`` of the world.
 
 Run::
@@ -16,6 +16,7 @@ Run::
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import sys
@@ -80,6 +81,9 @@ def bench_pack(folder: Path, n: int) -> tuple[float, float, int]:
     start = time.perf_counter()
     for s in stage.shards:
         shutil.copyfile(out / s.url, copy_dir / s.url)
+        # pack fsyncs each shard before its rename (a crash never leaves a torn shard): so does the baseline
+        with open(copy_dir / s.url, "rb+") as f:
+            os.fsync(f.fileno())
     copy_s = time.perf_counter() - start
     return total / pack_s / 1e6, total / copy_s / 1e6, total
 
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         fps, size = bench_encode(config.encoder, config.encode_frames)
         print(f"encode  {fps:8.1f} frames/s  ({config.encoder} encoder, {size} px)")
         pack_mb, copy_mb, total = bench_pack(tmp, config.pack_samples)
-        print(f"pack    {pack_mb:8.1f} MB/s  copy {copy_mb:8.1f} MB/s  ratio {pack_mb / copy_mb:.2f}  "
+        print(f"pack    {pack_mb:8.1f} MB/s  copy+fsync {copy_mb:8.1f} MB/s  ratio {pack_mb / copy_mb:.2f}  "
               f"({config.pack_samples} paper-size samples, {total / 1e6:.0f} MB)")
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         start = time.perf_counter()

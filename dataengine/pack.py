@@ -27,27 +27,42 @@ from dataengine.schema import ShardInfo, StageInfo
 log = logging.getLogger(__name__)
 
 
+def npy_parts(array: np.ndarray) -> list[bytes | memoryview]:
+    """An ``.npy`` file as [header, the array's own bytes]: the same bytes ``np.save`` writes,
+    without copying the data (features are most of a shard's bytes)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.hasobject:
+        raise TypeError("object arrays would need pickle; shards never hold them")
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(array))
+    return [head.getvalue(), memoryview(array.reshape(-1).view(np.uint8))]
+
+
 def encode_npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+    return b"".join(npy_parts(array))
 
 
 def encode_json(data: dict[str, Any]) -> bytes:
     return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def encode_member(suffix: str, value: Any) -> bytes:
-    """Bytes of one member, by suffix. ``bytes`` pass through (thumbs, pre-encoded members)."""
+def member_parts(suffix: str, value: Any) -> list[bytes | memoryview]:
+    """The bytes of one member, by suffix, as pieces to write one after the other.
+    ``bytes`` pass through (thumbs, pre-encoded members)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
+        return [value]
     if suffix.endswith("json"):
-        return encode_json(value)
+        return [encode_json(value)]
     if suffix.endswith("npy"):
-        return encode_npy(np.asarray(value))
+        return npy_parts(np.asarray(value))
     if isinstance(value, str):
-        return value.encode("utf-8")
+        return [value.encode("utf-8")]
     raise TypeError(f"cannot encode member {suffix!r} of type {type(value).__name__}")
+
+
+def encode_member(suffix: str, value: Any) -> bytes:
+    """Bytes of one member, by suffix (see :func:`member_parts`)."""
+    return b"".join(member_parts(suffix, value))
 
 
 def _member_order(sample: dict[str, Any]) -> list[str]:
@@ -77,10 +92,8 @@ class ShardWriter:
         self.index = start_index
         self.name = name
         self.info = StageInfo(name=stage)
-        self._tar: tarfile.TarFile | None = None
         self._file = None
         self._tmp: str | None = None
-        self._hash = None
         self._current: ShardInfo | None = None
 
     # -- one shard -------------------------------------------------------------------------
@@ -88,15 +101,16 @@ class ShardWriter:
         final = self.name(self.stage, self.index)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=self.folder)
         self._file = _HashingFile(os.fdopen(fd, "wb"))
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._current = ShardInfo(url=final, samples=0, bytes=0, sha256="",
                                   min_answer_tokens=1 << 62, max_answer_tokens=0)
 
     def _finish(self) -> None:
-        if self._tar is None:
+        if self._file is None:
             return
         assert self._file is not None and self._current is not None and self._tmp is not None
-        self._tar.close()  # writes the two zero end blocks and pads to the record size
+        # End of archive as tarfile writes it: two zero blocks, then padding to a whole record.
+        end = self._file.size + 2 * tarfile.BLOCKSIZE
+        self._file.write(bytes(2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
         self._file.flush_and_sync()
         self._current.bytes = self._file.size
         self._current.sha256 = self._file.hexdigest()
@@ -106,31 +120,39 @@ class ShardWriter:
         os.chmod(self._tmp, 0o644)  # mkstemp makes 0600; shards are served to and read by others
         os.replace(self._tmp, self.folder / self._current.url)
         self.info.shards.append(self._current)
-        self._tar = self._file = self._tmp = self._current = None
+        self._file = self._tmp = self._current = None
         self.index += 1
 
     def write(self, sample: dict[str, Any]) -> None:
         key = sample["__key__"]
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must contain no '.' or '/'")
-        members = [(suffix, encode_member(suffix, sample[suffix])) for suffix in _member_order(sample)]
-        size = sum(512 + (len(data) + 511) // 512 * 512 for _, data in members)
+        members = []
+        for suffix in _member_order(sample):
+            parts = member_parts(suffix, sample[suffix])
+            members.append((suffix, parts, sum(memoryview(p).nbytes for p in parts)))
+        size = sum(tarfile.BLOCKSIZE + -(-n // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for _, _, n in members)
         if self._current is not None and (
             self._current.samples >= self.maxcount
             or (self._current.samples > 0 and self._file.size + size > self.maxsize)
         ):
             self._finish()
-        if self._tar is None:
+        if self._file is None:
             self._open()
-        assert self._tar is not None and self._current is not None
-        for suffix, data in members:
+        assert self._file is not None and self._current is not None
+        for suffix, parts, nbytes in members:
             info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size = len(data)
+            info.size = nbytes
             info.mtime = 0
             info.mode = 0o444
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            # Header, data and padding written straight through: tarfile.addfile would copy the
+            # member again in 16 KiB pieces.
+            self._file.write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+            for part in parts:
+                self._file.write(part)
+            self._file.write(bytes(-nbytes % tarfile.BLOCKSIZE))
         cur = self._current
         tokens = int(sample.get("json", {}).get("answer_tokens", 0)) if isinstance(sample.get("json"), dict) else 0
         cur.samples += 1
@@ -146,12 +168,12 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the shard in progress (its temp file), keeping finished ones."""
-        if self._tar is not None:
+        if self._file is not None:
             try:
                 self._file.close()
             finally:
                 Path(self._tmp).unlink(missing_ok=True)
-            self._tar = self._file = self._tmp = self._current = None
+            self._file = self._tmp = self._current = None
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -173,7 +195,7 @@ class _HashingFile:
 
     def write(self, data) -> int:
         self._h.update(data)
-        self.size += len(data)
+        self.size += memoryview(data).nbytes
         return self._f.write(data)
 
     def tell(self) -> int:

@@ -100,3 +100,13 @@ def test_manifest_roundtrip(tmp_path):
 
 def test_sample_key_is_tar_safe():
     assert schema.sample_key("vcg-v_a.b/c 1") == "vcg-v_a_b_c_1"
+
+
+def test_npy_members_are_exactly_what_np_save_writes():
+    array = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    assert pack.encode_npy(array) == buf.getvalue()
+    assert pack.encode_npy(np.asfortranarray(array)) == buf.getvalue()  # made C-contiguous first
+    with pytest.raises(TypeError, match="pickle"):
+        pack.encode_npy(np.array([{"a": 1}], dtype=object))
