@@ -10,7 +10,7 @@ import torch
 from dataengine.models import load_tokenizer
 from train import conversation
 from train.conversation import IGNORE_INDEX
-from train.model import ModelSettings, VideoLMM, collate, token_nll
+from train.model import LORA_TARGETS, ModelSettings, VideoLMM, collate, default_lora_targets, token_nll
 
 ROWS, DIM = 24, 64
 
@@ -156,6 +156,57 @@ def test_save_then_load_gives_the_same_logits(model, tok, tmp_path):
     trainable = VideoLMM.load(tmp_path / "saved", trainable=True)
     assert any(p.requires_grad for n, p in trainable.named_parameters() if "lora_" in n)
     assert all(p.requires_grad for p in trainable.projector.parameters())
+
+
+def _fit_one_answer(model, sample, tok, steps: int) -> float:
+    """Adam on one sample's answer tokens; the last per-token loss."""
+    batch = collate([sample], tok)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(batch["input_ids"], batch["feat"], batch["attention_mask"], batch["labels"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def test_the_random_heads_logit_cap_and_the_head_adapter_that_lifts_it(tok):
+    """Regression: on the random-init tiny LM, LoRA on the attention/MLP projections alone
+    cannot fit even one one-word answer (the frozen head bounds every logit near ±3: about
+    4.1 nats per token at best); with ``default_lora_targets('tiny')`` (lm_head too) it can."""
+    sample = _sample(7, "blue")
+    capped = VideoLMM.build(ModelSettings(lora_targets=list(LORA_TARGETS)), tok, seed=0)
+    assert _fit_one_answer(capped, sample, tok, steps=30) > 3.5
+    lifted = VideoLMM.build(ModelSettings(lora_targets=default_lora_targets("tiny")), tok, seed=0)
+    assert _fit_one_answer(lifted, sample, tok, steps=30) < 0.1
+    feat = sample["feat"][None]
+    answer = lifted.generate(feat, ["What happens in the video?"], max_new_tokens=4)
+    assert answer.texts == ["blue"] and answer.ended == [True]
+
+
+def test_a_head_adapter_saves_without_the_base_head(tok, tmp_path):
+    from safetensors import safe_open
+
+    model = VideoLMM.build(ModelSettings(lora_targets=default_lora_targets("tiny")), tok, seed=0)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    batch = collate(SAMPLES, tok)
+    with torch.no_grad():
+        before = model(batch["input_ids"], batch["feat"], batch["attention_mask"]).logits
+    model.save(tmp_path / "saved")
+    with safe_open(str(tmp_path / "saved" / "adapter_model.safetensors"), "pt") as f:
+        head_keys = sorted(k for k in f.keys() if "lm_head" in k)
+    # The frozen base head comes back from the base spec; only its adapter is saved.
+    assert head_keys == ["base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"]
+    loaded = VideoLMM.load(tmp_path / "saved")
+    assert "lm_head" in loaded.settings.lora_targets
+    with torch.no_grad():
+        after = loaded(batch["input_ids"], batch["feat"], batch["attention_mask"]).logits
+    assert torch.equal(before, after)
 
 
 def test_load_refuses_a_folder_that_is_not_a_model(tmp_path):

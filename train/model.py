@@ -7,7 +7,9 @@
 
 The LM is any ``AutoModelForCausalLM`` folder (``tiny`` or a local path such as a
 LLaVA-1.5/Vicuna checkpoint); it stays frozen under LoRA adapters (peft; default r=32,
-alpha=32 on the attention and MLP projections) while the projector is trained in full.
+alpha=32 on the attention and MLP projections) while the projector is trained in full. A
+random-init base (the tiny demo LM) also needs an adapter on ``lm_head``
+(:func:`default_lora_targets`): its frozen head caps the logits.
 With ``qlora`` the base is loaded 4-bit nf4 through bitsandbytes; on CPU every
 ``Linear4bit`` gets ``support_avx512bf16_for_cpu = False`` right after loading, because on
 CPUs with AVX512-BF16 one eval-mode forward otherwise repacks the weights into an
@@ -141,6 +143,21 @@ def disable_cpu_bf16_repack(model: nn.Module) -> int:
     return count
 
 
+def default_lora_targets(lm: str | os.PathLike) -> list[str]:
+    """The modules that get LoRA adapters when none are named.
+
+    The attention and MLP projections (the paper's choice for a pretrained LM), and for the
+    random-init ``tiny`` LM also ``lm_head``: its frozen random output layer (std 0.02) after
+    the frozen final norm bounds every logit near ±3, so no answer token can get more than a
+    few per cent of probability (≥ 4.1 nats per token however long it trains); an adapter
+    on the head lifts that cap.
+    """
+    targets = list(LORA_TARGETS)
+    if str(lm) == "tiny":
+        targets.append("lm_head")
+    return targets
+
+
 def _lora_config(settings: ModelSettings):
     from peft import LoraConfig
 
@@ -241,7 +258,9 @@ class VideoLMM(nn.Module):
         """``{"adapter": peft-format LoRA weights, "projector": projector weights}`` (CPU copies)."""
         from peft import get_peft_model_state_dict
 
-        adapter = get_peft_model_state_dict(self.lm)
+        # The base head/embeddings stay frozen and come back from the base spec: with lm_head
+        # among the targets peft would otherwise copy the whole base head into the adapter.
+        adapter = get_peft_model_state_dict(self.lm, save_embedding_layers=False)
         return {
             "adapter": {k: v.detach().cpu().contiguous() for k, v in adapter.items()},
             "projector": {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
@@ -259,7 +278,8 @@ class VideoLMM(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = state or self.trainable_state()
-        self.lm.save_pretrained(str(folder), state_dict=state["adapter"], safe_serialization=True)
+        self.lm.save_pretrained(str(folder), state_dict=state["adapter"], safe_serialization=True,
+                                save_embedding_layers=False)
         save_file(state["projector"], str(folder / PROJECTOR_FILE), metadata={"format": FORMAT})
         self.tokenizer.save_pretrained(str(folder))
         write_text_atomic(folder / MODEL_CONFIG, json.dumps(

@@ -5,15 +5,23 @@ from CLIP width to LM width; each sample's ``<video>`` placeholder becomes its p
 ``feat`` rows and the loss is the NLL of the assistant tokens only (vicuna v1 template,
 ``train.conversation``). The curriculum is a list of stages streamed in order — by default
 ``easy`` (short answers) for one epoch, then ``hard`` — under one warmup + cosine LR
-schedule whose length comes from the manifest's sample counts.
+schedule whose length comes from the manifest's sample counts. ``--curriculum mixed``
+instead shuffles all the stages together in every epoch (what the tiny random-init demo LM
+needs; see ``SFTConfig.curriculum``).
+
+The LoRA adapters go on the attention and MLP projections (the paper's r=32, alpha=32); on
+the random-init ``tiny`` LM also on ``lm_head`` (``default_lora_targets``): its frozen random
+output layer and final norm cap every logit near ±3, so with the base head alone no answer
+token gets more than a few per cent of probability — the loss stays above about 4 nats per
+token, however long it trains.
 
 Data path: ``dataengine.reader.ShardReader`` deals each stage to the ranks (every rank gets
 the same number of samples, hence the same number of steps), runs the length guard and
 tokenization in its read-ahead thread (a sample longer than ``max_length`` once the video
 rows are spliced in is truncated or skipped by one rule on every rank, and counted), and the
-loop batches ``micro_batch`` samples at a time; a batch never mixes stages (a stage's last
-batch may be short). A skipped sample's slot holds the reader's stand-in with no target
-tokens, so ranks stay in step.
+loop batches ``micro_batch`` samples at a time; in a sequential curriculum a batch never
+mixes stages (a stage's last batch may be short). A skipped sample's slot holds the
+reader's stand-in with no target tokens, so ranks stay in step.
 
 Checkpoints (every ``save_every`` steps and at the end) hold adapter, projector, optimizer,
 scheduler, step, stage, reader position and RNG states; ``--resume`` continues from the
@@ -53,7 +61,8 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "vlmr-sft-state/1"
 # Settings a resumed run must share with the checkpoint: they fix the data order and the plan.
 PLAN_FIELDS = ("shards", "stages", "epochs_per_stage", "micro_batch", "grad_accum", "shuffle",
-               "window", "seed", "max_length", "length_policy", "model", "lora_r", "lora_alpha", "qlora")
+               "window", "seed", "max_length", "length_policy", "model", "lora_r", "lora_alpha", "qlora",
+               "lora_targets", "curriculum")
 
 
 @dataclass
@@ -72,8 +81,13 @@ class SFTConfig:
     """Width of the video features; 0 reads it from the first sample of the shards."""
     stages: list[str] = field(default_factory=lambda: ["easy", "hard"])
     """Curriculum: stages of the shard set, trained in this order."""
+    curriculum: Literal["sequential", "mixed"] = "sequential"
+    """sequential: the stages one after another (the paper's curriculum; a batch never mixes
+    stages). mixed: each epoch shuffles all the stages together, sample by sample. The tiny
+    random-init demo LM needs mixed: after an easy-only stage it no longer learns the long
+    answers (it repeats one word), and a hard-only stage then makes it forget the short ones."""
     epochs_per_stage: int = 1
-    """Epochs of each stage before moving to the next."""
+    """Epochs of each stage before moving to the next (mixed: epochs of all stages together)."""
     micro_batch: int = 8
     """Samples per rank per forward pass."""
     grad_accum: int = 1
@@ -94,6 +108,10 @@ class SFTConfig:
     lora_r: int = 32
     lora_alpha: int = 32
     lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)
+    """Modules of the base LM that get LoRA adapters; empty: the attention and MLP
+    projections (q/k/v/o/gate/up/down_proj) as in the paper, plus lm_head for the
+    random-init 'tiny' LM (its frozen output layer caps every logit near ±3)."""
     qlora: bool = False
     """Load the base LM 4-bit nf4 (bitsandbytes) under the LoRA adapters."""
     zero_stage: int = 2
@@ -150,12 +168,22 @@ class SFTConfig:
 
 @dataclass(frozen=True)
 class Phase:
-    """One epoch of one stage of the curriculum, and how many optimizer steps it gives."""
+    """One epoch of one stage of the curriculum, and how many optimizer steps it gives.
+
+    A mixed curriculum's epoch reads several stages; its ``stage`` is their names joined by
+    '+' (e.g. 'easy+hard'), the label metrics and logs carry.
+    """
 
     stage: str
     epoch: int
     samples_per_rank: int
     steps: int
+    stages: tuple[str, ...] = ()
+    """The shard stages this phase reads (empty: just ``stage``)."""
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return self.stages or (self.stage,)
 
 
 # ---------------------------------------------------------------------------- data
@@ -198,20 +226,106 @@ def make_reader(config: SFTConfig, stage: str, epoch: int, dist, prepare=None):
                        guard=prepare)
 
 
+class MixedStages:
+    """Several stages' readers merged sample by sample (``curriculum: mixed``).
+
+    Each stage is dealt to the ranks by its own reader, so every rank has the same number of
+    samples of each stage; the merge order is a permutation of the stage labels seeded by
+    (seed, epoch), the same on every rank. The state is the readers' states plus the number
+    of samples handed out, so a resumed epoch continues the same sequence.
+    """
+
+    STATE_FORMAT = "vlmr-mixed-stages/1"
+
+    def __init__(self, readers: list, seed: int, epoch: int):
+        import numpy as np
+
+        self.readers = readers
+        labels = np.repeat(np.arange(len(readers)), [len(r) for r in readers])
+        self.order = [int(x) for x in np.random.default_rng([seed, epoch, len(readers)]).permutation(labels)]
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        streams = [iter(r) for r in self.readers]
+        try:
+            while self.position < len(self.order):
+                which = self.order[self.position]
+                sample = next(streams[which], None)
+                if sample is None:
+                    raise RuntimeError(f"stage {self.readers[which].stages} ended before its planned "
+                                       "samples (the manifest's counts do not match the shards?)")
+                self.position += 1  # counted before it is handed out: the state covers it
+                yield sample
+        finally:
+            for stream in streams:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": self.STATE_FORMAT, "position": self.position,
+                "readers": [r.state_dict() for r in self.readers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != self.STATE_FORMAT or len(state.get("readers", ())) != len(self.readers):
+            raise ValueError(f"reader state is not a mixed state of {len(self.readers)} stages "
+                             "(resume with the curriculum and stages the checkpoint was made with)")
+        self.position = int(state["position"])
+        for reader, reader_state in zip(self.readers, state["readers"]):
+            reader.load_state_dict(reader_state)
+
+    def stats(self) -> dict[str, Any]:
+        from dataengine.reader import ReaderStats
+
+        total = ReaderStats()
+        for reader in self.readers:
+            total.add(ReaderStats.from_dict(reader.stats()))
+        return total.to_dict()
+
+
+def make_stream(config: SFTConfig, phase: Phase, dist, tokenizer=None):
+    """``(reader, preparers)`` of a phase: one stage's reader, or a :class:`MixedStages`.
+
+    With a tokenizer, each reader gets a :class:`SamplePreparer` (length guard and
+    tokenization in its read-ahead thread); each thread has a tokenizer of its own.
+    """
+    import copy
+
+    readers, preparers = [], []
+    for i, stage in enumerate(phase.reads):
+        prepare = None
+        if tokenizer is not None:
+            prepare = SamplePreparer(tokenizer if i == 0 else copy.deepcopy(tokenizer),
+                                     config.max_length, config.length_policy)
+            preparers.append(prepare)
+        readers.append(make_reader(config, stage, phase.epoch, dist, prepare))
+    if len(readers) == 1 and not phase.stages:
+        return readers[0], preparers
+    return MixedStages(readers, config.seed, phase.epoch), preparers
+
+
 def plan_curriculum(config: SFTConfig, dist) -> list[Phase]:
     """Phases in order with their step counts, from the manifest alone (no tar is opened)."""
     phases = []
     per_step = config.micro_batch * config.grad_accum
-    for stage in config.stages:
+    if config.curriculum == "mixed":
+        groups = [("+".join(config.stages), tuple(config.stages))]
+    else:
+        groups = [(stage, ()) for stage in config.stages]
+    for name, stages in groups:
         for epoch in range(config.epochs_per_stage):
-            per_rank = len(make_reader(config, stage, epoch, dist))
+            phase = Phase(name, epoch, 0, 0, stages)
+            per_rank = len(make_stream(config, phase, dist)[0])
             # The last micro-batch of a stage may be short; micro-batches that do not make a
             # whole accumulation are left unused (and reported).
             steps = -(-per_rank // config.micro_batch) // config.grad_accum
             if steps == 0:
                 log.warning("stage %s has %d samples per rank, fewer than one step (%d): skipped",
-                            stage, per_rank, per_step)
-            phases.append(Phase(stage, epoch, per_rank, steps))
+                            name, per_rank, per_step)
+            phases.append(Phase(name, epoch, per_rank, steps, stages))
     if not any(p.steps for p in phases):
         raise ValueError(f"{config.shards}: stages {config.stages} give no full step of "
                          f"{per_step} samples per rank on {dist.world_size} rank(s)")
@@ -229,8 +343,8 @@ def feat_width(config: SFTConfig) -> int:
 
 
 def micro_batches(reader, config: SFTConfig, tokenizer) -> Iterator[dict[str, Any]]:
-    """Batches of ``micro_batch`` consecutive samples of one rank's stream (the last may be
-    short; every rank has the same number of samples, so the same batches)."""
+    """Batches of ``micro_batch`` consecutive samples of one rank's stream of a phase (the
+    last may be short; every rank has the same number of samples, so the same batches)."""
     from train.model import collate
 
     samples = iter(reader)
@@ -320,8 +434,7 @@ def train(config: SFTConfig, dist) -> dict[str, Any]:
             phase_step, reader_state = 0, None
         if phase_step >= phase.steps:
             continue
-        prepare = SamplePreparer(tokenizer, config.max_length, config.length_policy)
-        reader = make_reader(config, phase.stage, phase.epoch, dist, prepare)
+        reader, preparers = make_stream(config, phase, dist, tokenizer)
         if reader_state is not None:
             reader.load_state_dict(reader_state)
         batches = micro_batches(reader, config, tokenizer)
@@ -359,7 +472,7 @@ def train(config: SFTConfig, dist) -> dict[str, Any]:
                                            keep=config.keep_checkpoints)
         finally:
             batches.close()
-        report_phase(phase, config, reader, prepare, dist, finished=not stopped)
+        report_phase(phase, config, reader, preparers, dist, finished=not stopped)
         if stopped:
             break
 
@@ -374,11 +487,15 @@ def train(config: SFTConfig, dist) -> dict[str, Any]:
 def build_engine(config: SFTConfig, tokenizer, total_steps: int):
     """The model (fresh LoRA + projector from ``seed``) inside a DeepSpeed engine."""
     from train import launch
-    from train.model import ModelSettings, VideoLMM
+    from train.model import ModelSettings, VideoLMM, default_lora_targets
 
+    targets = list(config.lora_targets or default_lora_targets(config.model))
+    if str(config.model) == "tiny" and "lm_head" not in targets:
+        log.warning("--lora-targets without lm_head on the random-init tiny LM: its frozen head caps "
+                    "every logit near ±3, so the loss cannot go much below 4 nats per token")
     settings = ModelSettings(lm=config.model, feat_dim=config.feat_dim or feat_width(config),
                              lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-                             lora_dropout=config.lora_dropout, qlora=config.qlora,
+                             lora_dropout=config.lora_dropout, lora_targets=targets, qlora=config.qlora,
                              dtype="bfloat16" if config.precision == "bf16" else "float32")
     model = VideoLMM.build(settings, tokenizer, seed=config.seed)
     ds_config = launch.deepspeed_config(micro_batch=config.micro_batch, grad_accum=config.grad_accum,
@@ -402,22 +519,41 @@ def resume_position(config: SFTConfig, engine, dist, ckpt_root: Path, phases: li
     if folder is None:
         log.warning("--resume: no checkpoint under %s; starting from the beginning", ckpt_root)
         return 0, 0, 0, None
+    check_same_adapters(folder, engine.module.settings.lora_targets)
     state, rank_state = launch.load_checkpoint(folder, engine=engine, dist=dist)
     check_resumable(state, config, folder)
     log.info("resumed %s: step %d, stage %s", folder, state["step"], phases[state["phase"]].stage)
     return state["step"], state["phase"], state["phase_step"], rank_state["reader"]
 
 
+def check_same_adapters(folder: Path, targets: list[str]) -> None:
+    """The checkpoint's model has adapters on the modules this run wraps (a run made before
+    lm_head joined the tiny LM's default targets has none there)."""
+    from train import launch
+    from train.model import MODEL_CONFIG
+
+    saved = folder / launch.MODEL_DIR / MODEL_CONFIG
+    if not saved.exists():
+        return
+    saved_targets = json.loads(saved.read_text())["settings"].get("lora_targets")
+    if saved_targets is not None and sorted(saved_targets) != sorted(targets):
+        raise ValueError(f"{folder}: cannot resume: its LoRA adapters wrap {sorted(saved_targets)}, this run's "
+                         f"would wrap {sorted(targets)} (pass --lora-targets {' '.join(saved_targets)})")
+
+
 def check_resumable(state: dict[str, Any], config: SFTConfig, folder: Path) -> None:
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"{folder}: not an SFT checkpoint (format {state.get('format')!r})")
     saved, now = state["config"], cfg.to_dict(config)
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in PLAN_FIELDS if saved.get(k) != now.get(k)]
+    # A setting added after the checkpoint was written had its default value then.
+    defaults = cfg.to_dict(SFTConfig())
+    saved = {k: saved.get(k, defaults.get(k)) for k in PLAN_FIELDS}
+    diff = [f"{k}: checkpoint {saved[k]!r}, now {now.get(k)!r}" for k in PLAN_FIELDS if saved[k] != now.get(k)]
     if diff:
         raise ValueError(f"{folder}: cannot resume with different plan settings:\n  " + "\n  ".join(diff))
 
 
-def report_phase(phase: Phase, config: SFTConfig, reader, prepare: SamplePreparer, dist,
+def report_phase(phase: Phase, config: SFTConfig, reader, preparers: list[SamplePreparer], dist,
                  finished: bool = True) -> dict[str, Any]:
     """What the length guard and the reader left out or changed in a phase, summed over
     ranks; rank 0 logs it and appends it to OUTPUT/stages.jsonl. The counts are of the
@@ -425,7 +561,7 @@ def report_phase(phase: Phase, config: SFTConfig, reader, prepare: SamplePrepare
     from train import launch
 
     stats = reader.stats()
-    counts = prepare.guard.counts
+    counts = {k: sum(p.guard.counts[k] for p in preparers) for k in ("fit", "truncated", "dropped")}
     per_step = config.micro_batch * config.grad_accum
     fit, truncated, dropped, substituted, skipped = (int(v) for v in launch.all_sum(
         [counts["fit"], counts["truncated"], counts["dropped"], stats["substituted"], stats["skipped_total"]]))
