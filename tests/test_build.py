@@ -7,12 +7,11 @@ import os
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dataengine import build, features, models, schema
+from dataengine import build, features, schema
 
 FRAMES, CLIPS, CLIP_FRAMES = 6, 3, 2
 
@@ -72,10 +71,9 @@ def test_curriculum_order_and_sample_contents(built, synth_world):
     assert thumb[:2] == b"\xff\xd8"
     # manifest bookkeeping agrees with the tars
     for stage in manifest.stages:
-        for s in stage.shards:
-            keys = [k for st, k, _ in rows if st == stage.name]
-            assert s.samples <= 8
-        assert stage.shards[0].first_key == [k for st, k, _ in rows if st == stage.name][0]
+        keys = [k for st, k, _ in rows if st == stage.name]
+        assert all(s.samples <= 8 for s in stage.shards) and sum(s.samples for s in stage.shards) == len(keys)
+        assert stage.shards[0].first_key == keys[0] and stage.shards[-1].last_key == keys[-1]
     assert manifest.settings["frames"] == FRAMES and manifest.settings["encoder"] == "tiny"
     assert (out / "failures.jsonl").read_text() == ""
 

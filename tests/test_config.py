@@ -1,7 +1,6 @@
 """Typed configs: CLI from fields, help from docstrings, YAML overrides, collected errors."""
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import pytest

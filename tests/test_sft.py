@@ -191,8 +191,13 @@ def test_warmup_cosine_by_hand():
 
 def test_deepspeed_launcher_argument_is_accepted(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert sft._strip_local_rank(["--local_rank=1", "--config", "x.yaml"]) == ["--config", "x.yaml"]
+    from train import launch
+
+    assert launch.strip_local_rank(["--local_rank=1", "--config", "x.yaml"]) == ["--config", "x.yaml"]
     assert os.environ["LOCAL_RANK"] == "1"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert launch.strip_local_rank(["--local_rank", "3", "--lr", "1"]) == ["--lr", "1"]
+    assert os.environ["LOCAL_RANK"] == "3"
 
 
 def test_curriculum_plan_comes_from_the_manifest(tmp_path):

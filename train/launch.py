@@ -406,3 +406,40 @@ def load_checkpoint(folder: str | os.PathLike, *, engine, dist: DistInfo) -> tup
     rank_data = json.loads(rank_file.read_text())
     set_rng_state(rank_data["rng"])
     return trainer_state, rank_data["state"]
+
+
+# ------------------------------------------------------------------------------ entry points
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """The ``deepspeed`` launcher appends ``--local_rank=N``; LOCAL_RANK carries it too."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank"):
+            if i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def save_final_model(model, folder: Path, dist: DistInfo, **save_kwargs: Any) -> Path:
+    """A trained model (anything with ``trainable_state()`` and ``save(folder, state=...)``) as a
+    loadable folder: parameters gathered under ZeRO-3, written by rank 0 to a temp name, renamed."""
+    folder = Path(folder)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with gathered(trainable):
+        state = model.trainable_state() if dist.is_main else None
+    if dist.is_main:
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save(tmp, state=state, **save_kwargs)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        log.info("saved model %s", folder)
+    barrier()
+    return folder

@@ -919,7 +919,6 @@ def train(config: PPOConfig, dist) -> dict[str, Any]:
     """Run (or resume) PPO; returns a summary (steps, last metrics, model path)."""
     from dataengine.schema import write_text_atomic
     from train import launch
-    from train.sft import save_final_model
 
     out = Path(config.output)
     ckpt_root = out / "checkpoints"
@@ -1008,7 +1007,7 @@ def train(config: PPOConfig, dist) -> dict[str, Any]:
 
     summary = {"steps": step, "total_steps": total_steps, "stopped_early": stopped, "last": last, "model": None}
     if not stopped:
-        summary["model"] = str(save_final_model(model, out / "model", dist))
+        summary["model"] = str(launch.save_final_model(model, out / "model", dist))
     return summary
 
 
@@ -1035,9 +1034,9 @@ def report_epoch(epoch: int, reader, prepare: PromptPreparer, dist) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "train/ppo.py") -> int:
-    from train.sft import _strip_local_rank
+    from train import launch
 
-    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    argv = launch.strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     config = cfg.parse_config(PPOConfig, argv, prog=prog)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -733,7 +732,8 @@ def train(config: RMConfig, dist) -> dict[str, Any]:
     stats = reward_statistics(model, train_source, config, dist, ids)
     summary["stats"] = stats.__dict__
     extra = {"heldout": summary["heldout"], "trained_from": config.model, "shards": config.shards, "steps": step}
-    summary["model"] = str(save_final_model(model, stats, extra, out / "model", dist))
+    model.stats = stats
+    summary["model"] = str(launch.save_final_model(model, out / "model", dist, extra=extra))
     if dist.is_main and summary["heldout"] is not None:
         write_text_atomic(out / "eval.json", json.dumps(summary["heldout"], indent=1) + "\n")
     return summary
@@ -834,44 +834,10 @@ def report_epoch(phase: Phase, config: RMConfig, reader, prepare: PairPreparer, 
     return report
 
 
-def save_final_model(model, stats, extra: dict[str, Any], folder: Path, dist) -> Path:
-    """The trained reward model with its statistics, written to a temp name and renamed (rank 0)."""
+def main(argv: list[str] | None = None, prog: str = "train/rm.py") -> int:
     from train import launch
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    with launch.gathered(trainable):
-        state = model.trainable_state() if dist.is_main else None
-    if dist.is_main:
-        model.stats = stats
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save(tmp, state=state, extra=extra)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        log.info("saved reward model %s", folder)
-    launch.barrier()
-    return folder
-
-
-def _strip_local_rank(argv: list[str]) -> list[str]:
-    """The ``deepspeed`` launcher appends ``--local_rank=N``; LOCAL_RANK carries it too."""
-    out, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg.startswith(("--local_rank=", "--local-rank=")):
-            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
-        elif arg in ("--local_rank", "--local-rank"):
-            if i + 1 < len(argv):
-                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
-            skip = True
-        else:
-            out.append(arg)
-    return out
-
-
-def main(argv: list[str] | None = None, prog: str = "train/rm.py") -> int:
-    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    argv = launch.strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     config = cfg.parse_config(RMConfig, argv, prog=prog)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

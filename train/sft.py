@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -480,7 +479,7 @@ def train(config: SFTConfig, dist) -> dict[str, Any]:
     summary = {"steps": step, "total_steps": total_steps, "stopped_early": stopped, "last": last,
                "model": None}
     if not stopped:
-        summary["model"] = str(save_final_model(model, out / "model", dist))
+        summary["model"] = str(launch.save_final_model(model, out / "model", dist))
     return summary
 
 
@@ -579,45 +578,10 @@ def report_phase(phase: Phase, config: SFTConfig, reader, preparers: list[Sample
     return report
 
 
-def save_final_model(model, folder: Path, dist) -> Path:
-    """The trained model as a loadable folder, written to a temp name and renamed (rank 0)."""
+def main(argv: list[str] | None = None, prog: str = "train/sft.py") -> int:
     from train import launch
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    with launch.gathered(trainable):
-        state = model.trainable_state() if dist.is_main else None
-    if dist.is_main:
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save(tmp, state=state)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        log.info("saved model %s", folder)
-    launch.barrier()
-    return folder
-
-
-def _strip_local_rank(argv: list[str]) -> list[str]:
-    """The ``deepspeed`` launcher appends ``--local_rank=N``; LOCAL_RANK carries it too."""
-    out, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
-            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
-            continue
-        if arg in ("--local_rank", "--local-rank"):
-            if i + 1 < len(argv):
-                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
-            skip = True
-            continue
-        out.append(arg)
-    return out
-
-
-def main(argv: list[str] | None = None, prog: str = "train/sft.py") -> int:
-    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    argv = launch.strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     config = cfg.parse_config(SFTConfig, argv, prog=prog)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
