@@ -220,6 +220,7 @@ def _greedy_without_cache(model, feat, prompt, steps):
     for _ in range(steps):
         with torch.no_grad():
             logits = model(torch.tensor([ids]), feat[None]).logits
+        logits[0, -1, model.video_token_id] = float("-inf")  # generate never emits the placeholder
         nxt = int(logits[0, -1].argmax())
         out.append(nxt)
         if nxt == model.eos_token_id:
@@ -238,6 +239,20 @@ def test_generate_matches_uncached_greedy_and_is_batch_independent(model, tok):
     reference = _greedy_without_cache(model, feats[0], conversation.prompt_ids(questions[0], tok), 6)
     assert batched.token_ids[0] == reference
     assert batched.texts[0] == tok.decode(reference, skip_special_tokens=True).strip()
+
+
+def test_generate_never_emits_the_video_placeholder(tok):
+    model = VideoLMM.build(ModelSettings(), tok, seed=0)
+    head = model.lm.get_output_embeddings()
+    with torch.no_grad():  # make <video> the model's favourite next token everywhere
+        head.weight[model.video_token_id] = head.weight[model.video_token_id].sign() * 10
+        if getattr(head, "bias", None) is not None:
+            head.bias[model.video_token_id] = 100.0
+    feats = torch.stack([s["feat"] for s in SAMPLES])
+    greedy = model.generate(feats, ["What happens?"] * len(SAMPLES), max_new_tokens=5)
+    sampled = model.generate(feats, ["What happens?"] * len(SAMPLES), max_new_tokens=5, do_sample=True, seed=1)
+    for ids in greedy.token_ids + sampled.token_ids:
+        assert ids and model.video_token_id not in ids
 
 
 def test_sampling_is_seeded(model):

@@ -395,7 +395,11 @@ class VideoLMM(nn.Module):
             next_pos = positions[:, -1:] + 1
             embed = self.lm.get_input_embeddings()
             for _ in range(max_new_tokens):
-                nxt = sample_next(logits.float(), temperature, top_p, do_sample, generator)
+                logits = logits.float()
+                # The placeholder is not text: a generated <video> would be spliced as a second
+                # video when the answer is fed back (judge prompts, RM inputs) and fail there.
+                logits[:, self.video_token_id] = float("-inf")
+                nxt = sample_next(logits, temperature, top_p, do_sample, generator)
                 nxt = torch.where(ended, torch.full_like(nxt, self.pad_token_id), nxt)
                 for b in range(batch):
                     if not ended[b]:
