@@ -481,7 +481,9 @@ def test_end_to_end_reward_rises_with_bounded_kl(world_models, tmp_path):
     from train.model import VideoLMM
 
     out = tmp_path / "run"
-    assert ppo.main(ppo_argv(world_models, out)) == 0
+    # This fixture's reward model carries a real signal; the demo config's lower LR is tuned for
+    # the demo's near-noise reward model, so the test sets the LR it measures with.
+    assert ppo.main(ppo_argv(world_models, out, "--lr", "5e-3")) == 0
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1)) and len(metrics) >= 8
     rewards = [m["reward"] for m in metrics]
