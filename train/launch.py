@@ -35,10 +35,11 @@ import os
 import random
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -443,3 +444,19 @@ def save_final_model(model, folder: Path, dist: DistInfo, **save_kwargs: Any) ->
         log.info("saved model %s", folder)
     barrier()
     return folder
+
+
+def run_recipe(config_cls: type, train: Callable[[Any, DistInfo], dict[str, Any]], argv: list[str] | None,
+               prog: str) -> tuple[Any, DistInfo, dict[str, Any]]:
+    """The entry point every trainer shares: strip the deepspeed launcher's ``--local_rank``,
+    parse the typed config, join the process group, train; only rank 0 logs at INFO."""
+    from dataengine import config as cfg
+
+    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    config = cfg.parse_config(config_cls, argv, prog=prog)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dist = setup_distributed()
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    return config, dist, train(config, dist)

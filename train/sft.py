@@ -581,16 +581,7 @@ def report_phase(phase: Phase, config: SFTConfig, reader, preparers: list[Sample
 def main(argv: list[str] | None = None, prog: str = "train/sft.py") -> int:
     from train import launch
 
-    argv = launch.strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    config = cfg.parse_config(SFTConfig, argv, prog=prog)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from train import launch
-
-    dist = launch.setup_distributed()
-    if not dist.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
-    summary = train(config, dist)
+    config, dist, summary = launch.run_recipe(SFTConfig, train, argv, prog)
     if dist.is_main:
         log.info("sft: %d/%d steps%s; model: %s", summary["steps"], summary["total_steps"],
                  " (stopped at --max-steps)" if summary["stopped_early"] else "", summary["model"])
