@@ -271,4 +271,4 @@ def test_prompt_files_and_shipped_config(tmp_path):
         narrate.load_prompt(bad, required=("question",), allowed=("thing",))
     parsed = parse_config(narrate.NarrateConfig, ["--config", str(ROOT / "train/configs/narrate_tiny.yaml")])
     assert parsed.input and parsed.out and parsed.model
-    assert narrate.in_alias(["--in", "x", "--in=y"]) == ["--input", "x", "--input=y"]
+    assert shardstage.in_alias(["--in", "x", "--in=y"]) == ["--input", "x", "--input=y"]

@@ -82,7 +82,7 @@ import torch
 from dataengine import config as cfg
 from dataengine import schema
 from train import shardstage
-from train.narrate import PROMPTS, VIDEO_TOKEN, clean_text, context_length, in_alias, load_model, load_prompt, \
+from train.narrate import PROMPTS, VIDEO_TOKEN, clean_text, context_length, load_model, load_prompt, \
     model_fingerprint
 from train.shardstage import Outcome, RankInfo, StageSummary
 
@@ -638,20 +638,8 @@ def run(config: JudgeConfig, *, sampler: ResponseSampler | None = None, judge: J
 
 
 def main(argv: list[str] | None = None, prog: str = "vlmr judge") -> int:
-    argv = in_alias(sys.argv[1:] if argv is None else argv)
-    config = cfg.parse_config(JudgeConfig, argv, prog=prog)
-    ranks = RankInfo.from_env()
-    with shardstage.process_group(ranks):
-        try:
-            summary = run(config, ranks=ranks)
-        except (shardstage.StageError, FileNotFoundError, ValueError) as exc:  # ShardError is a ValueError
-            print(f"{prog}: error: {exc}", file=sys.stderr)
-            return 1
-    if ranks.is_main:
-        print(f"judged {config.input} -> {config.out} (context {config.context})")
-        for line in summary.lines():
-            print("  " + line)
-    return 0
+    return shardstage.stage_main(JudgeConfig, run, argv, prog,
+                                 headline=lambda c: f"judged {c.input} -> {c.out} (context {c.context})")
 
 
 if __name__ == "__main__":

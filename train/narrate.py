@@ -387,33 +387,9 @@ def run(config: NarrateConfig, *, captioner: Captioner | None = None, ranks: Ran
     return summary
 
 
-def in_alias(argv: Sequence[str]) -> list[str]:
-    """``--in X`` / ``--in=X`` as ``--input`` (``in`` cannot be a dataclass field name)."""
-    out = []
-    for arg in argv:
-        if arg == "--in":
-            arg = "--input"
-        elif arg.startswith("--in="):
-            arg = "--input=" + arg[len("--in="):]
-        out.append(arg)
-    return out
-
-
 def main(argv: list[str] | None = None, prog: str = "vlmr narrate") -> int:
-    argv = in_alias(sys.argv[1:] if argv is None else argv)
-    config = cfg.parse_config(NarrateConfig, argv, prog=prog)
-    ranks = RankInfo.from_env()
-    with shardstage.process_group(ranks):
-        try:
-            summary = run(config, ranks=ranks)
-        except (shardstage.StageError, FileNotFoundError, ValueError) as exc:  # ShardError is a ValueError
-            print(f"{prog}: error: {exc}", file=sys.stderr)
-            return 1
-    if ranks.is_main:
-        print(f"narrated {config.input} -> {config.out}")
-        for line in summary.lines():
-            print("  " + line)
-    return 0
+    return shardstage.stage_main(NarrateConfig, run, argv, prog,
+                                 headline=lambda c: f"narrated {c.input} -> {c.out}")
 
 
 if __name__ == "__main__":

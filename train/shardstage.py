@@ -54,6 +54,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -539,3 +540,36 @@ def read_set(folder: str | os.PathLike, fields: Sequence[str] | None = ("json", 
         return []
     return list(ShardReader(folder, stages=stages, shuffle="none", fields=fields, prefetch_bytes=0))
 
+
+# ------------------------------------------------------------------------------ command
+
+def in_alias(argv: Sequence[str]) -> list[str]:
+    """``--in X`` / ``--in=X`` as ``--input`` (``in`` cannot be a dataclass field name)."""
+    out = []
+    for arg in argv:
+        if arg == "--in":
+            arg = "--input"
+        elif arg.startswith("--in="):
+            arg = "--input=" + arg[len("--in="):]
+        out.append(arg)
+    return out
+
+
+def stage_main(config_cls: type, run: Callable[..., "StageSummary"], argv: Sequence[str] | None, prog: str,
+               headline: Callable[[Any], str]) -> int:
+    """The command of a shard-to-shard stage: parse, join the process group, run, summarise."""
+    from dataengine import config as cfg
+
+    config = cfg.parse_config(config_cls, in_alias(sys.argv[1:] if argv is None else argv), prog=prog)
+    ranks = RankInfo.from_env()
+    with process_group(ranks):
+        try:
+            summary = run(config, ranks=ranks)
+        except (StageError, FileNotFoundError, ValueError) as exc:  # ShardError is a ValueError
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 1
+    if ranks.is_main:
+        print(headline(config))
+        for line in summary.lines():
+            print("  " + line)
+    return 0
