@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from checkpoints import real_lm  # noqa: F401  (a fixture)
 
 from dataengine.models import load_tokenizer
 from train import conversation
 from train.conversation import IGNORE_INDEX
-from train.model import LORA_TARGETS, ModelSettings, VideoLMM, collate, default_lora_targets, token_nll
+from train.model import LORA_TARGETS, ModelSettings, VideoLMM, collate, default_lora_targets, suppress_token, token_nll
 
 ROWS, DIM = 24, 64
 
@@ -292,3 +293,32 @@ def test_qlora_trains_lora_weights(tok):
     assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
     assert changed == set(lora)
     assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------- a checkpoint shaped like a real one
+
+def test_real_shaped_checkpoint_generates_and_round_trips(real_lm, tmp_path):
+    """The tokenizer fills the LM's vocabulary, so the added <video> id equals its size."""
+    model = VideoLMM.build(ModelSettings(lm=str(real_lm), lora_r=4, lora_alpha=4), seed=0).eval()
+    rows = model.lm.get_output_embeddings().weight.shape[0]
+    assert model.video_token_id == rows == len(model.tokenizer) - 1
+    feats = torch.stack([s["feat"] for s in SAMPLES])
+    greedy = model.generate(feats, ["What happens?"] * 3, max_new_tokens=4)
+    sampled = model.generate(feats, ["What happens?"] * 3, max_new_tokens=4, do_sample=True, seed=2)
+    assert all(ids and max(ids) < rows for ids in greedy.token_ids + sampled.token_ids)
+    model.save(tmp_path / "saved")
+    loaded = VideoLMM.load(tmp_path / "saved")
+    assert loaded.generate(feats, ["What happens?"] * 3, max_new_tokens=4).token_ids == greedy.token_ids
+
+
+def test_suppress_token_leaves_logits_without_that_row_alone():
+    logits = torch.zeros(2, 5)
+    assert torch.equal(suppress_token(logits, 5), logits)
+    out = suppress_token(logits, 3)
+    assert out[:, 3].eq(float("-inf")).all() and torch.equal(out[:, :3], logits[:, :3])
+    assert logits[:, 3].eq(0).all()  # not in place
+
+
+def test_check_vocab_names_a_tokenizer_that_does_not_belong_to_the_lm(real_lm, tok):
+    with pytest.raises(ValueError, match="embedding rows"):
+        VideoLMM.build(ModelSettings(lm=str(real_lm), lora_r=4, lora_alpha=4), tok, seed=0)

@@ -248,10 +248,15 @@ class VideoLMM(nn.Module):
         return model
 
     def check_vocab(self) -> None:
-        rows = self.lm.get_input_embeddings().weight.shape[0]
-        largest = max(self.pad_token_id, self.eos_token_id, self.tokenizer.bos_token_id or 0)
-        if largest >= rows and not hasattr(self.lm.get_input_embeddings().weight, "ds_id"):
-            raise ValueError(f"tokenizer ids up to {largest} but the LM has {rows} embedding rows")
+        """Every token id but ``<video>`` must have an embedding row (see :func:`suppress_token`)."""
+        weight = self.lm.get_input_embeddings().weight
+        if hasattr(weight, "ds_id"):  # ZeRO-3 partitions the table: its local shape says nothing
+            return
+        rows = weight.shape[0]
+        largest = max((i for i in self.tokenizer.get_vocab().values() if i != self.video_token_id), default=0)
+        if largest >= rows:
+            raise ValueError(f"the tokenizer has token ids up to {largest} but the LM {self.settings.lm} has "
+                             f"{rows} embedding rows: tokenizer and LM do not belong together")
 
     # -- saving ------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -395,10 +400,9 @@ class VideoLMM(nn.Module):
             next_pos = positions[:, -1:] + 1
             embed = self.lm.get_input_embeddings()
             for _ in range(max_new_tokens):
-                logits = logits.float()
                 # The placeholder is not text: a generated <video> would be spliced as a second
                 # video when the answer is fed back (judge prompts, RM inputs) and fail there.
-                logits[:, self.video_token_id] = float("-inf")
+                logits = suppress_token(logits.float(), self.video_token_id)
                 nxt = sample_next(logits, temperature, top_p, do_sample, generator)
                 nxt = torch.where(ended, torch.full_like(nxt, self.pad_token_id), nxt)
                 for b in range(batch):
@@ -445,6 +449,20 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
         # Keep the graph: every rank must run the same backward even on a batch without targets.
         total = shift_logits.sum() * 0.0
     return total, count
+
+
+def suppress_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
+    """``logits`` (..., V) with the logit of ``token_id`` set to -inf (a new tensor).
+
+    The one rule for the ``<video>`` placeholder: it exists only in the tokenizer. The LM
+    never embeds it (``VideoLMM.splice`` replaces it) and never says it. A real checkpoint's
+    tokenizer fills the LM's vocabulary exactly (Vicuna 32,000 rows, SmolLM2 49,152), so the
+    added ``<video>`` gets id V and has no logit to suppress: the logits come back unchanged.
+    The tiny LM was built with a row for it, which is suppressed.
+    """
+    if token_id >= logits.shape[-1]:
+        return logits
+    return logits.index_fill(-1, torch.tensor([token_id], device=logits.device), float("-inf"))
 
 
 def make_projector(feat_dim: int, hidden: int) -> nn.Sequential:
