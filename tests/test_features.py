@@ -1,4 +1,5 @@
-"""CLIP features: penultimate layer without CLS, Video-ChatGPT pooling, the feature cache."""
+"""Encoders (CLIP penultimate layer without CLS; a CNN's last feature map), Video-ChatGPT pooling,
+the feature cache."""
 
 import numpy as np
 import pytest
@@ -84,3 +85,80 @@ def test_encoder_identity_changes_with_checkpoint(tmp_path):
 def test_models_refuse_missing_paths():
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         models.resolve_encoder("openai/clip-vit-large-patch14")
+
+
+def _clip_folder(folder, image_size, patch_size):
+    """A scaled-down CLIP vision checkpoint folder at a real checkpoint's geometry."""
+    import json
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    CLIPVisionModel(cfg).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": image_size, "width": image_size},
+        "image_mean": list(models.CLIP_MEAN), "image_std": list(models.CLIP_STD)}))
+    return folder
+
+
+def test_clip_336_folder_gives_576_patches(tmp_path):
+    # The official VLM-RLAIF encoder is CLIP ViT-L/14 at 336 px: 24×24 = 576 patch tokens.
+    folder = _clip_folder(tmp_path / "clip336", 336, 14)
+    enc = features.load_encoder(str(folder))
+    assert isinstance(enc, features.ClipEncoder)
+    assert enc.image_size == 336 and enc.vision.num_patches == 576
+    frames = np.random.default_rng(0).integers(0, 255, (2, 336, 336, 3), dtype=np.uint8)
+    feat, _ = features.encode_video(enc, frames, None)
+    assert feat.shape == (2 + 576, 32)
+
+
+def _feature_map_folder(folder):
+    """An EfficientNet-Lite0 folder in the ``small`` preset's layout, random weights (no package data)."""
+    import json
+    from safetensors.torch import save_file
+
+    pytest.importorskip("efficientnet_lite_pytorch")
+    folder.mkdir()
+    torch.manual_seed(0)
+    net = models._efficientnet_lite("efficientnet-lite0")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(models.SMALL_ENCODER_CONFIG))
+    return folder
+
+
+def test_feature_map_encoder_cells_are_patches(tmp_path):
+    folder = _feature_map_folder(tmp_path / "effnet")
+    enc = features.load_encoder(str(folder), batch_size=2)
+    assert isinstance(enc, features.FeatureMapEncoder)
+    assert (enc.image_size, enc.vision.num_patches, enc.vision.hidden_size) == (224, 49, 1280)
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 255, (3, 224, 224, 3), dtype=np.uint8)
+    tokens = enc.encode(frames)
+    assert tokens.shape == (3, 49, 1280)
+    # Independent computation: the map (N, C, 7, 7); cell (row 2, col 5) is patch 2·7+5.
+    pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        fmap = enc.model.extract_features((pixels - mean) / std).numpy()
+    np.testing.assert_allclose(tokens[:, 2 * 7 + 5, :], fmap[:, :, 2, 5], rtol=1e-4, atol=1e-4)
+    # The same pooling and shard shapes as CLIP.
+    clips = rng.integers(0, 255, (2, 2, 224, 224, 3), dtype=np.uint8)
+    feat, clip_feats = features.encode_video(enc, frames, clips)
+    assert feat.shape == (3 + 49, 1280) and clip_feats.shape == (2, 2 + 49, 1280)
+    with pytest.raises(ValueError, match="not a CLIP folder"):
+        features.ClipEncoder(str(folder))
+
+
+def test_presets_and_packaged_weights_checks():
+    with pytest.raises(FileNotFoundError, match="tiny, small"):
+        models.resolve_lm("no/such/folder")
+    bad = models.PackagedWeights(package="x==1", module="json", relpath="__init__.py",
+                                 sha256="0" * 64, licence="-")
+    with pytest.raises(ValueError, match="differs from the pinned"):
+        bad.locate()
+    missing = models.PackagedWeights(package="nope==1", module="no_such_module_here",
+                                     relpath="w.bin", sha256="0" * 64, licence="-")
+    with pytest.raises(FileNotFoundError, match="make setup"):
+        missing.locate()
