@@ -16,13 +16,17 @@ A malformed record raises :class:`IngestError` naming the file and the record in
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
+
+from dataengine import schema
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +64,70 @@ class IngestStats:
     formats: dict[str, str] = field(default_factory=dict)
 
 
+# Bytes that are not UTF-8 are read as these lone surrogates (Python's "surrogateescape"), so
+# one bad byte spoils only the record that holds it; that record is then refused by name.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+@dataclass
+class AnnotationText:
+    """A file's text, its undecodable bytes kept as surrogates, and where those bytes were."""
+
+    path: Path
+    text: str
+    bom: int
+    """Bytes of the UTF-8 byte-order mark skipped at the start (0 or 3)."""
+
+    @classmethod
+    def read(cls, path: Path, limit: int | None = None) -> "AnnotationText":
+        with open(path, "rb") as f:
+            raw = f.read() if limit is None else f.read(limit)
+        bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+        return cls(path, raw[bom:].decode("utf-8", "surrogateescape"), bom)
+
+    @property
+    def clean(self) -> bool:
+        return _UNDECODABLE.search(self.text) is None
+
+    def where(self, pos: int) -> str:
+        """``line L, byte offset B: byte 0xNN is not UTF-8`` for the text position ``pos``."""
+        line = self.text.count("\n", 0, pos) + 1
+        offset = self.bom + len(self.text[:pos].encode("utf-8", "surrogateescape"))
+        byte = ord(self.text[pos]) - 0xDC00
+        return f"line {line}, byte offset {offset}: byte 0x{byte:02x} is not UTF-8"
+
+    def nth_undecodable(self, n: int) -> int:
+        """Text position of the n-th (0-based) undecodable byte."""
+        for i, match in enumerate(_UNDECODABLE.finditer(self.text)):
+            if i == n:
+                return match.start()
+        raise IndexError(n)
+
+
+class NotUTF8(ValueError):
+    """A record holding bytes that are not UTF-8 (the message says where)."""
+
+
+def _undecodable_count(value: Any) -> int:
+    """Undecodable bytes in the strings (keys included) of a parsed JSON value."""
+    if isinstance(value, str):
+        return len(_UNDECODABLE.findall(value))
+    if isinstance(value, dict):
+        return sum(_undecodable_count(k) + _undecodable_count(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_undecodable_count(v) for v in value)
+    return 0
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """``vcg``, ``llava``, ``llava-jsonl`` or ``nextqa``, from the file's first bytes."""
     path = Path(path)
-    with open(path, "r", encoding="utf-8-sig") as f:
-        head = f.read(65536)
+    head = AnnotationText.read(path, limit=65536).text
     stripped = head.lstrip()
     if not stripped:
         raise IngestError(f"{path}: empty annotation file")
     if stripped[0] == "[":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as exc:
-            raise IngestError(f"{path}: not valid JSON: {exc}") from exc
+        data = _json_list(AnnotationText.read(path))
         first = next((r for r in data if isinstance(r, dict)), None)
         if first is None:
             return "vcg"  # an empty list: any format reads it as zero records
@@ -87,6 +142,16 @@ def detect_format(path: str | os.PathLike) -> str:
     if {"video", "question", "answer"} <= {h.strip() for h in header}:
         return "nextqa"
     raise IngestError(f"{path}: unknown annotation format (not JSON, JSONL or NExT-QA CSV)")
+
+
+def _json_list(text: AnnotationText) -> list[Any]:
+    try:
+        data = json.loads(text.text)
+    except json.JSONDecodeError as exc:
+        raise IngestError(f"{text.path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, list):
+        raise IngestError(f"{text.path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
 
 
 def _text(value: Any, what: str) -> str:
@@ -163,23 +228,46 @@ def _record_nextqa(raw: dict[str, str], source: str, index: int) -> Record:
 
 
 def _raw_records(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
+    """(record index, raw record) in file order; a record that cannot be read comes as a
+    ``ValueError`` in its place (saying where), so ``on_error`` decides about it alone."""
+    text = AnnotationText.read(path)
+    clean = text.clean
     if fmt in ("vcg", "llava"):
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-        yield from enumerate(data)
+        seen = 0  # undecodable bytes in the records before this one
+        for index, raw in enumerate(_json_list(text)):
+            bad = 0 if clean else _undecodable_count(raw)
+            if bad:
+                yield index, NotUTF8(text.where(text.nth_undecodable(seen)))
+                seen += bad
+            else:
+                yield index, raw
     elif fmt == "llava-jsonl":
-        with open(path, encoding="utf-8-sig") as f:
-            index = 0
-            for line in f:
-                if not line.strip():
-                    continue
+        index, pos = 0, 0
+        for number, line in enumerate(io.StringIO(text.text), start=1):
+            start, pos = pos, pos + len(line)
+            if not line.strip():
+                continue
+            bad = None if clean else _UNDECODABLE.search(line)
+            if bad is not None:
+                yield index, NotUTF8(text.where(start + bad.start()))
+            else:
                 try:
                     yield index, json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield index, exc
-                index += 1
+                    yield index, ValueError(f"line {number}: not valid JSON: {exc}")
+            index += 1
     elif fmt == "nextqa":
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            yield from enumerate(csv.DictReader(f))
+        rows = csv.DictReader(io.StringIO(text.text, newline=""))
+        rows.fieldnames  # reads the header line
+        line = rows.line_num
+        for index, row in enumerate(rows):
+            first_line, line = line + 1, rows.line_num  # a quoted field may span lines
+            if not clean and _undecodable_count(row):
+                pos = next(m.start() for m in _UNDECODABLE.finditer(text.text)
+                           if text.text.count("\n", 0, m.start()) + 1 >= first_line)
+                yield index, NotUTF8(text.where(pos))
+            else:
+                yield index, row
 
 
 _PARSERS = {"vcg": _record_vcg, "llava": _record_llava, "llava-jsonl": _record_llava, "nextqa": _record_nextqa}
@@ -199,18 +287,19 @@ def read_annotations(path: str | os.PathLike, *, on_error: OnError = "raise",
     for index, raw in _raw_records(path, fmt):
         try:
             if isinstance(raw, Exception):
-                raise ValueError(f"not valid JSON: {raw}")
+                raise raw
             record = _PARSERS[fmt](raw, source, index)
         except (ValueError, TypeError) as exc:
             message = f"{path}: record {index} ({fmt}): {exc}"
             if on_error == "raise":
                 raise IngestError(message) from exc
             log.warning("skipping %s", message)
+            reason = "not_utf8" if isinstance(exc, NotUTF8) else "malformed_record"
             if stats is not None:
                 stats.skipped += 1
-                stats.reasons["malformed record"] += 1
+                stats.reasons[reason.replace("_", " ")] += 1
                 stats.failures.append({"annotation": str(path), "record": index,
-                                       "reason": "malformed_record", "message": message})
+                                       "reason": reason, "message": message})
             continue
         if stats is not None:
             stats.records += 1
@@ -219,14 +308,20 @@ def read_annotations(path: str | os.PathLike, *, on_error: OnError = "raise",
 
 def read_all(paths: list[str | os.PathLike], *, on_error: OnError = "raise",
              stats: IngestStats | None = None) -> list[Record]:
-    """Records of several files; duplicate record ids are an error (they would share a key)."""
+    """Records of several files. Two records with one id, or with ids that become one sample
+    key (:func:`dataengine.schema.sample_key`), are an error naming both."""
     records: list[Record] = []
     seen: dict[str, str] = {}
+    keys: dict[str, Record] = {}
     for path in paths:
         for record in read_annotations(path, on_error=on_error, stats=stats):
             if record.id in seen:
                 raise IngestError(f"{path}: record id {record.id!r} already read from {seen[record.id]}")
             seen[record.id] = str(path)
+            other = keys.setdefault(schema.sample_key(record.id), record)
+            if other is not record:
+                raise IngestError(f"{path}: record ids {other.id!r} and {record.id!r} would share the sample key "
+                                  f"{schema.sample_key(record.id)!r}; rename one of them")
             records.append(record)
     return records
 

@@ -22,6 +22,7 @@ keep fields they do not know. Nothing in a shard is ever pickled.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -51,13 +52,18 @@ def shard_name(stage: str, index: int) -> str:
 
 
 def sample_key(record_id: str) -> str:
-    """A tar-safe key for a record id.
+    """A tar-safe key for a record id, different for different ids.
 
     WebDataset splits a member name at the first dot after the last slash into key and
-    suffix, so a key must contain neither dots nor slashes.
+    suffix, so a key holds only letters, digits, ``-`` and ``_``. An id made only of those
+    is its own key; any other character becomes ``_`` and the key gets ``~`` plus the first
+    8 hex digits of the id's sha256 (``x.1`` -> ``x_1~8a5edab2``), so ``x.1``, ``x_1`` and
+    ``x 1`` stay three keys (``~`` never appears in an id that is its own key).
     """
-    safe = "".join(c if (c.isalnum() or c in "-_") else "_" for c in record_id)
-    return safe or "_"
+    safe = "".join(c if (c.isascii() and (c.isalnum() or c in "-_")) else "_" for c in record_id)
+    if safe == record_id and safe:
+        return safe
+    return f"{safe}~{hashlib.sha256(record_id.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 @dataclass

@@ -119,3 +119,63 @@ def test_video_resolution_with_and_without_extension(tmp_path):
     assert ingest.resolve_video("sub/clip", index).name == "clip.mkv"
     assert ingest.resolve_video("other.avi", index).name == "other.webm"  # same stem, other container
     assert ingest.resolve_video("missing", index) is None
+
+
+# ------------------------------------------------------------------------ issue 16: bytes that are not UTF-8
+
+def _llava(rid, video="v.mp4"):
+    return {"id": rid, "video": video, "conversations": [{"from": "human", "value": "What?"},
+                                                          {"from": "gpt", "value": "That."}]}
+
+
+def _bad_byte_files(tmp_path):
+    """The same three records in each format, the second holding byte 0xff; (path, line, offset)."""
+    vcg = json.dumps([{"video_id": f"v{i}", "q": "What?", "a": "That."} for i in range(3)], indent=1).encode()
+    jsonl = b"\n".join(json.dumps(_llava(str(i), f"v{i}")).encode() for i in range(3)) + b"\n"
+    csv_text = (b"video,question,answer,qid,type,a0,a1\nv0,what,0,1,CW,yes,no\n"
+                b"v1,\"two\nlines v1\",1,2,CW,yes,no\nv2,ok,0,3,CW,a,b\n")
+    cases = []
+    for name, data in [("a.json", vcg), ("b.jsonl", jsonl), ("c.csv", csv_text)]:
+        data = data.replace(b"v1", b"v\xff1", 1 if name != "c.csv" else 2)
+        path = tmp_path / name
+        path.write_bytes(data)
+        offset = data.index(b"\xff")
+        cases.append((path, data[:offset].count(b"\n") + 1, offset))
+    return cases
+
+
+def test_a_byte_that_is_not_utf8_is_named_and_skippable(tmp_path):
+    for path, line, offset in _bad_byte_files(tmp_path):
+        with pytest.raises(ingest.IngestError) as caught:
+            list(ingest.read_annotations(path))
+        message = str(caught.value)
+        assert str(path) in message and "record 1" in message, message
+        assert f"line {line}, byte offset {offset}: byte 0xff is not UTF-8" in message, message
+        stats = ingest.IngestStats()
+        records = ingest.read_all([path], on_error="skip", stats=stats)
+        assert [r.video_id for r in records] == ["v0", "v2"], path
+        assert stats.skipped == 1 and stats.failures[0]["reason"] == "not_utf8"
+        assert stats.failures[0]["record"] == 1
+
+
+# ------------------------------------------------------------------------ issue 16: sample keys stay unique
+
+@pytest.mark.parametrize("a, b", [("x.1", "x_1"), ("y/1", "y 1")])
+def test_ids_that_clean_to_one_text_keep_separate_keys(tmp_path, a, b):
+    from dataengine import schema
+
+    path = write(tmp_path, "ann.json", json.dumps([_llava(a), _llava(b)]))
+    records = ingest.read_all([path])
+    keys = {schema.sample_key(r.id) for r in records}
+    assert len(keys) == 2, keys
+
+
+def test_ids_that_would_share_a_key_are_an_error_naming_both(tmp_path, monkeypatch):
+    from dataengine import schema
+
+    # A key function that loses the difference (as the old one did for x.1 / x_1): the check
+    # in read_all must catch it rather than let one key into a tar twice.
+    monkeypatch.setattr(schema, "sample_key", lambda rid: rid.replace(".", "_"))
+    path = write(tmp_path, "ann.json", json.dumps([_llava("x.1"), _llava("x_1")]))
+    with pytest.raises(ingest.IngestError, match=r"'ann-x\.1' and 'ann-x_1' would share the sample key"):
+        ingest.read_all([path])

@@ -98,8 +98,15 @@ def test_manifest_roundtrip(tmp_path):
         schema.Manifest.load(tmp_path)
 
 
-def test_sample_key_is_tar_safe():
-    assert schema.sample_key("vcg-v_a.b/c 1") == "vcg-v_a_b_c_1"
+def test_sample_key_is_tar_safe_and_keeps_ids_apart():
+    assert schema.sample_key("vcg-v_a-1") == "vcg-v_a-1"  # a clean id is its own key
+    key = schema.sample_key("vcg-v_a.b/c 1")
+    assert key.startswith("vcg-v_a_b_c_1~") and len(key) == len("vcg-v_a_b_c_1~") + 8
+    assert "." not in key and "/" not in key
+    # ids that clean to the same text stay apart (issue 16: they shared one key)
+    for a, b in [("x.1", "x_1"), ("y/1", "y 1"), ("x.1", "x 1")]:
+        assert schema.sample_key(a) != schema.sample_key(b), (a, b)
+    assert schema.sample_key("x.1") == schema.sample_key("x.1")  # and stay the same across runs
 
 
 def test_npy_members_are_exactly_what_np_save_writes():
