@@ -20,10 +20,13 @@ Run::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +36,7 @@ from typing import Any, Iterator, Literal
 from tqdm import tqdm
 
 from dataengine import config as cfg
-from dataengine import decode, features, ingest, models, pack, schema
+from dataengine import decode, features, ingest, lock, models, pack, schema
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +241,8 @@ def encode_videos(jobs: list[VideoJob], config: BuildConfig, cache: features.Fea
         clips = result.clips if config.clips > 0 else None
         feat, clip_feats = features.encode_video(encoder, result.frames, clips)
         thumb = decode.contact_sheet(result.frames)
-        cache.put(job.cache_key, features.CachedFeatures(feat=feat, clips=clip_feats, thumb=thumb))
+        with naming_path(cache.root):
+            cache.put(job.cache_key, features.CachedFeatures(feat=feat, clips=clip_feats, thumb=thumb))
         yield job, None, "encoded"
 
 
@@ -287,12 +291,71 @@ def pack_samples(ordered: list[tuple[ingest.Record, int]], keys: dict[str, str],
                                  maxcount=config.maxcount, maxsize=maxsize)
 
 
+@contextlib.contextmanager
+def naming_path(path: str | os.PathLike):
+    """Give an OSError that names no file (a failed write: ENOSPC, EIO) the path being written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def writable_folder(path: Path, what: str) -> None:
+    """Create ``path`` if needed and prove a file can be written there; an OSError naming
+    the path (and, when a parent is a file, that parent) otherwise."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OSError(errno.ENOTDIR, f"{what}: {existing} is a file, not a folder", str(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what}: cannot write here ({exc.strerror})", str(path)) from None
+
+
+def check_outputs(config: BuildConfig) -> None:
+    """Before any long work: the output and cache folders exist (or can be made) and take files."""
+    writable_folder(Path(config.out), "--out")
+    writable_folder(cache_folder(config), "--cache")
+
+
+def cache_folder(config: BuildConfig) -> Path:
+    return Path(config.cache) if config.cache else models.cache_root() / "features"
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line naming the path: ``PATH: what went wrong``."""
+    if exc.filename is None:
+        return str(exc)
+    return f"{exc.filename}: {exc.strerror or exc}"
+
+
 def build(config: BuildConfig, dist: Dist | None = None) -> BuildSummary:
-    """The whole build; returns its summary (rank 0 holds the complete one)."""
+    """The whole build; returns its summary (rank 0 holds the complete one).
+
+    Rank 0 holds the output folder's lock (:mod:`dataengine.lock`) for the whole build, so
+    a second build into the same ``--out`` is refused before it touches anything; the other
+    ranks start once it holds it.
+    """
     dist = dist or Dist()
+    check_outputs(config)
+    if dist.rank != 0:
+        dist.barrier()  # rank 0 holds the lock
+        return build_locked(config, dist)
+    with lock.FolderLock(config.out, command="build-shards"):
+        dist.barrier()
+        return build_locked(config, dist)
+
+
+def build_locked(config: BuildConfig, dist: Dist) -> BuildSummary:
     summary = BuildSummary()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     stats = ingest.IngestStats()
@@ -306,7 +369,7 @@ def build(config: BuildConfig, dist: Dist | None = None) -> BuildSummary:
     t0 = time.perf_counter()
     device = f"cuda:{dist.local_rank}" if config.device == "cuda" else "cpu"
     encoder = features.ClipEncoder(config.encoder, device=device, batch_size=config.batch_size)
-    cache = features.FeatureCache(config.cache or models.cache_root() / "features")
+    cache = features.FeatureCache(cache_folder(config))
     settings = decode_settings(config, encoder.identity, encoder.image_size)
     mine = jobs[dist.rank::dist.world_size]
     outcomes = []
@@ -348,7 +411,8 @@ def build(config: BuildConfig, dist: Dist | None = None) -> BuildSummary:
     ordered = pack.order_samples(list(zip(kept, counts)), answer_tokens=lambda rt: rt[1],
                                  key=lambda rt: schema.sample_key(rt[0].id))
     cut = config.split.cut([t for _, t in ordered])
-    stages = pack_samples(ordered, keys, cut, config, cache)
+    with naming_path(out):
+        stages = pack_samples(ordered, keys, cut, config, cache)
     failure_lines = [{"video_id": o["video_id"], "path": o["path"], "reason": o["reason"],
                       "message": o["message"], "samples": o["samples"]}
                      for o in sorted(failed.values(), key=lambda o: o["video_id"])]
@@ -380,8 +444,11 @@ def main(argv: list[str] | None = None, prog: str = "vlmr build-shards") -> int:
     dist.init()
     try:
         summary = build(config, dist)
-    except (ingest.IngestError, FileNotFoundError) as exc:
+    except (ingest.IngestError, lock.FolderLocked) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a path that cannot be read or written, a full disk: one line, no traceback
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     finally:
         dist.close()

@@ -1,17 +1,20 @@
 """`vlmr build-shards` end to end on the synthetic world: order, failures, resume, readability."""
 
 import csv
+import errno
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
 
-from dataengine import build, features, schema
+from dataengine import build, features, pack, schema
 
 FRAMES, CLIPS, CLIP_FRAMES = 6, 3, 2
 
@@ -219,3 +222,181 @@ def test_two_ranks_build_the_same_shards(synth_world, tmp_path, built):
     assert not list(out.glob(".outcomes-*"))
     # both ranks encoded a share: the cache holds every video exactly once
     assert len(list((tmp_path / "cache").glob("*/*/feat.npy"))) == len(list((synth_world / "videos").iterdir()))
+
+
+# ----------------------------------------------------------------------------- issue 16: nothing lost, nothing let in
+
+def cli_args(world, out, cache, *extra):
+    return ["--annotations", str(world / "annotations.json"), "--videos", str(world / "videos"), "--out", str(out),
+            "--frames", str(FRAMES), "--clips", str(CLIPS), "--clip-frames", str(CLIP_FRAMES), "--workers", "1",
+            "--cache", str(cache), *extra]
+
+
+# Build A: waits before packing until the test lets it go, so that build B runs while A holds the folder.
+PAUSED_BUILD = """
+import pathlib, sys, time
+from dataengine import build
+gate = pathlib.Path(sys.argv[1])
+real = build.pack_samples
+def paused(*args, **kwargs):
+    (gate.parent / "packing").touch()
+    while not gate.exists():
+        time.sleep(0.05)
+    return real(*args, **kwargs)
+build.pack_samples = paused
+sys.exit(build.main(sys.argv[2:]))
+"""
+
+
+def test_two_builds_into_one_folder_the_second_is_refused(synth_world, tmp_path, built):
+    from dataengine import inspection, lock
+
+    out, gate = tmp_path / "shards", tmp_path / "go"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_BUILD, str(gate),
+                              *cli_args(synth_world, out, built[1], "--maxcount", "8")],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "packing").exists():
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the first build never reached pack"
+            time.sleep(0.1)
+        # the second build, other settings (the issue's case: its tars would replace the first's)
+        second = subprocess.run([sys.executable, "-m", "dataengine.build",
+                                 *cli_args(synth_world, out, built[1], "--maxcount", "3")],
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1
+        error = second.stderr.strip().splitlines()[-1]
+        assert error.startswith(f"vlmr build-shards: error: {out} is being written by 'build-shards' "
+                                f"(pid {first.pid} on host "), error
+        assert str(out / lock.LOCK_NAME) in error
+    finally:
+        gate.touch()
+        _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    result = inspection.verify(inspection.open_shard_set(out))
+    assert result.ok, result.problems
+    assert result.samples == schema.Manifest.load(out).samples == built[2].samples["easy"] + built[2].samples["hard"]
+    assert schema.Manifest.load(out).settings["maxcount"] == 8
+    assert not (out / lock.LOCK_NAME).exists()
+
+
+def test_a_lock_left_by_a_killed_build_is_taken_over(synth_world, tmp_path, built, caplog):
+    from dataengine import lock
+
+    out = tmp_path / "shards"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom dataengine.lock import FolderLock\n"
+                               "FolderLock(sys.argv[1], 'build-shards').acquire()\nprint('held', flush=True)\n"
+                               "time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()  # SIGKILL: nothing is cleaned up
+    holder.wait()
+    with caplog.at_level(logging.WARNING, logger="dataengine.lock"):
+        summary = run_build(synth_world, out, built[1])
+    assert f"pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
+    assert summary.shards == built[2].shards and not (out / lock.LOCK_NAME).exists()
+
+
+def test_ids_that_clean_to_one_key_stay_apart_in_the_tars(synth_world, tmp_path, built):
+    video = sorted(p.name for p in (synth_world / "videos").iterdir())[0]
+    ids = ["x.1", "x_1", "y/1", "y 1"]
+    ann = tmp_path / "ids.json"
+    ann.write_text(json.dumps([{"id": rid, "video": video, "conversations": [
+        {"from": "human", "value": "<video>\nWhat is shown?"}, {"from": "gpt", "value": f"Answer {rid}."}]}
+        for rid in ids]))
+    out = tmp_path / "shards"
+    run_build(synth_world, out, built[1], annotations=[str(ann)])
+    _, rows = stream(out)
+    keys = [key for _, key, _ in rows]
+    assert len(keys) == len(set(keys)) == 4, keys
+    assert sorted(j["id"] for _, _, j in rows) == sorted(f"ids-{rid}" for rid in ids)
+    for _, key, data in rows:
+        assert key == schema.sample_key(data["id"])
+
+
+def test_a_byte_that_is_not_utf8_is_skipped_and_counted(synth_world, tmp_path, built, capsys):
+    data = (synth_world / "annotations.json").read_bytes()
+    ann = tmp_path / "annotations.json"
+    ann.write_bytes(data.replace(b'"a": "', b'"a": "\xff', 1))
+    out = tmp_path / "shards"
+    args = cli_args(synth_world, out, built[1])
+    args[1] = str(ann)
+    assert build.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"vlmr build-shards: error: {ann}: record 0 (vcg): line ") and "byte 0xff is not UTF-8" in err
+    assert build.main(args + ["--on-error", "skip"]) == 0
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["record"], f["reason"]) for f in failures] == [(0, "not_utf8")]
+    assert schema.Manifest.load(out).samples == len(json.loads(data)) - 1
+    assert "1 malformed records skipped" in capsys.readouterr().out
+
+
+def _no_long_work(monkeypatch):
+    """Decoding, encoding or packing would mean the outputs were not checked first."""
+    from dataengine import decode
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("long work started before the outputs were checked")
+
+    monkeypatch.setattr(decode, "decode_many", refuse)
+    monkeypatch.setattr(build, "pack_samples", refuse)
+    monkeypatch.setattr(build.ingest, "read_all", refuse)
+
+
+@pytest.mark.parametrize("case", ["out_parent_is_a_file", "out_is_a_file", "cache_parent_is_a_file"])
+def test_unusable_outputs_are_one_line_before_any_work(synth_world, tmp_path, monkeypatch, capsys, case):
+    _no_long_work(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out, cache = tmp_path / "shards", tmp_path / "cache"
+    if case == "out_parent_is_a_file":
+        out = blocker / "shards"
+    elif case == "out_is_a_file":
+        out = blocker
+    else:
+        cache = blocker / "cache"
+    assert build.main(cli_args(synth_world, out, cache)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vlmr build-shards: error: "), err
+    assert str(blocker) in err and "Traceback" not in err
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(synth_world, tmp_path, monkeypatch, capsys):
+    _no_long_work(monkeypatch)
+    out = tmp_path / "shards"
+    out.mkdir()
+    if os.geteuid() != 0:
+        out.chmod(0o555)
+    else:  # root writes anywhere: make the folder refuse files as a read-only one would
+        import types
+
+        def refuse(*args, dir=None, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+
+        monkeypatch.setattr(build, "tempfile", types.SimpleNamespace(mkstemp=refuse))
+    try:
+        assert build.main(cli_args(synth_world, out, tmp_path / "cache")) == 1
+    finally:
+        out.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err == f"vlmr build-shards: error: {out}: --out: cannot write here (Permission denied)\n"
+
+
+@pytest.mark.parametrize("where", ["pack", "cache"])
+def test_a_full_disk_is_one_line_naming_the_path(synth_world, tmp_path, monkeypatch, capsys, built, where):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a failed write raises it: no file name
+
+    if where == "pack":
+        monkeypatch.setattr(pack._HashingFile, "write", full)
+        cache = built[1]
+    else:
+        monkeypatch.setattr(features.FeatureCache, "put", full)
+        cache = tmp_path / "cache"
+    out = tmp_path / "shards"
+    assert build.main(cli_args(synth_world, out, cache)) == 1
+    err = capsys.readouterr().err  # progress bars above, then one line
+    named = out if where == "pack" else cache
+    assert err.endswith(f"\nvlmr build-shards: error: {named}: No space left on device\n"), err[-500:]
+    assert "Traceback" not in err

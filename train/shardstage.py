@@ -25,7 +25,9 @@ reads its units with its own ``ShardReader`` (no shuffle), writes their shards, 
 each one records it in ``OUT/.progress/unit-NNNNNN.json`` (written atomically, after the
 tar was renamed into place). After a barrier, rank 0 merges the records in unit order into
 ``manifest.json`` (written last), ``failures.jsonl`` and ``summary.json``. Ranks share
-nothing but the output folder: on several nodes it must be shared storage.
+nothing but the output folder: on several nodes it must be shared storage. Rank 0 holds the
+folder's lock (``OUT/.vlmr.lock``, :mod:`dataengine.lock`) from the start to the manifest,
+so a second run into the same folder, of this command or any other, is refused.
 
 Resume
 ------
@@ -64,6 +66,7 @@ import torch
 from tqdm import tqdm
 
 from dataengine import pack, schema
+from dataengine.lock import FolderLock, FolderLocked
 from dataengine.reader import ShardReader
 from dataengine.schema import Manifest, ShardInfo, StageInfo, write_text_atomic
 
@@ -499,34 +502,37 @@ def run_stage(work: StageWork, *, source: str, out: str | os.PathLike, stages: S
                 "samples_per_shard": samples_per_shard, "out_stage": out_stage}
     summary = StageSummary(command=work.command, units=len(units))
 
-    if ranks.is_main:
-        prepare_output(out, command=work.command, identity=identity, units=len(units), overwrite=overwrite,
-                       source=os.fspath(source))
-    ranks.barrier()
-    done = {u.index for u in units if _load_record(out, u) is not None}
-    pending = [u for u in units if u.index not in done]
-    mine = pending[ranks.rank::ranks.world_size]
-    summary.units_resumed = len(done)
-    if done and ranks.is_main:
-        log.info("%s: resuming %s: %d of %d units already done", work.command, out, len(done), len(units))
-    if pending and ranks.is_main:
-        # It will describe tars about to be (re)written: the folder is complete again only
-        # when the new manifest is written.
-        (out / schema.MANIFEST_NAME).unlink(missing_ok=True)
+    # Rank 0 holds the output folder's lock until the manifest is written: a second run
+    # into the same --out (any command) is refused before it touches anything.
+    with FolderLock(out, command=work.command) if ranks.is_main else contextlib.nullcontext():
+        if ranks.is_main:
+            prepare_output(out, command=work.command, identity=identity, units=len(units), overwrite=overwrite,
+                           source=os.fspath(source))
+        ranks.barrier()
+        done = {u.index for u in units if _load_record(out, u) is not None}
+        pending = [u for u in units if u.index not in done]
+        mine = pending[ranks.rank::ranks.world_size]
+        summary.units_resumed = len(done)
+        if done and ranks.is_main:
+            log.info("%s: resuming %s: %d of %d units already done", work.command, out, len(done), len(units))
+        if pending and ranks.is_main:
+            # It will describe tars about to be (re)written: the folder is complete again only
+            # when the new manifest is written.
+            (out / schema.MANIFEST_NAME).unlink(missing_ok=True)
 
-    with tqdm(total=sum(u.count for u in mine), desc=f"{work.command} rank {ranks.rank}", unit="sample",
-              disable=not (progress and ranks.is_main), dynamic_ncols=True) as bar:
-        for unit in mine:
-            record = run_unit(work, reader, unit, out, ranks, bar)
-            summary.units_done += 1
-            if after_unit is not None:
-                after_unit(unit, record)
-    ranks.barrier()
-    summary.seconds = time.perf_counter() - started
-    if ranks.is_main:
-        merge(out, units, work, settings={"command": work.command, **settings, "identity": identity},
-              derived_from=reader.manifest_url, summary=summary)
-    ranks.barrier()  # every rank returns with the set complete (a next stage may read it at once)
+        with tqdm(total=sum(u.count for u in mine), desc=f"{work.command} rank {ranks.rank}", unit="sample",
+                  disable=not (progress and ranks.is_main), dynamic_ncols=True) as bar:
+            for unit in mine:
+                record = run_unit(work, reader, unit, out, ranks, bar)
+                summary.units_done += 1
+                if after_unit is not None:
+                    after_unit(unit, record)
+        ranks.barrier()
+        summary.seconds = time.perf_counter() - started
+        if ranks.is_main:
+            merge(out, units, work, settings={"command": work.command, **settings, "identity": identity},
+                  derived_from=reader.manifest_url, summary=summary)
+        ranks.barrier()  # every rank returns with the set complete (a next stage may read it at once)
     return summary
 
 
@@ -565,8 +571,12 @@ def stage_main(config_cls: type, run: Callable[..., "StageSummary"], argv: Seque
     with process_group(ranks):
         try:
             summary = run(config, ranks=ranks)
-        except (StageError, FileNotFoundError, ValueError) as exc:  # ShardError is a ValueError
+        except (StageError, FolderLocked, ValueError) as exc:  # ShardError is a ValueError
             print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # a path that cannot be read or written, a full disk: one line
+            where = f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc)
+            print(f"{prog}: error: {where}", file=sys.stderr)
             return 1
     if ranks.is_main:
         print(headline(config))
