@@ -15,6 +15,7 @@ and answers from a script, so tests can drive a client through every path it mus
 ``Reply.error(status)``     an error status (429, 500, 401, ...), optional ``Retry-After``
 ``Reply.slow(seconds)``     waits before answering (the client should time out first)
 ``Reply.garbage()``         200 whose body is not JSON
+``Reply.redirect(url)``     302 (or ``status``) with ``Location: url``
 
 Queued replies (``push``) are used first; then ``responder(request_json) -> Reply``.
 The default responder, :func:`qa_responder`, writes a JSON list of question-answer pairs
@@ -66,6 +67,10 @@ class Reply:
     @classmethod
     def slow(cls, seconds: float, content: str = "[]") -> "Reply":
         return cls(status=200, content=content, delay=seconds)
+
+    @classmethod
+    def redirect(cls, location: str, status: int = 302) -> "Reply":
+        return cls(status=status, headers={"Location": location}, raw_body=b"")
 
     @classmethod
     def garbage(cls) -> "Reply":
@@ -170,9 +175,14 @@ class StubChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timed out) first
 
-            def do_POST(self) -> None:
+            def do_GET(self) -> None:
+                # What a client that follows a redirect sends (urllib turns POST into GET):
+                # recorded, then answered like a POST, as a hostile redirect target would.
+                self.do_POST(method="GET")
+
+            def do_POST(self, method: str = "POST") -> None:
                 length = int(self.headers.get("Content-Length", 0))
-                raw = self.rfile.read(length)
+                raw = self.rfile.read(length) if length else b"{}"
                 try:
                     body = json.loads(raw)
                 except ValueError:
@@ -180,7 +190,7 @@ class StubChatServer:
                     return
                 with server._lock:
                     server.requests.append({"path": self.path, "body": body, "headers": dict(self.headers),
-                                            "time": time.monotonic()})
+                                            "method": method, "time": time.monotonic()})
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send(404, b'{"error": {"message": "unknown path"}}', {})
                     return

@@ -134,6 +134,22 @@ def test_http_4xx_is_fatal_at_once_and_key_is_redacted(monkeypatch):
     assert SECRET not in str(info.value) and "***" in str(info.value)
 
 
+@pytest.mark.parametrize("status", [301, 302, 307])
+def test_a_redirect_to_another_host_is_refused_and_gets_no_key(monkeypatch, status):
+    """Issue 16: urllib followed a 302 to another host with the Authorization header and took
+    that host's reply as the completion."""
+    monkeypatch.setenv("VLMR_TEST_KEY", SECRET)
+    with StubChatServer(responder=lambda body: Reply.ok("from the other host")) as elsewhere:
+        target = elsewhere.url.replace("127.0.0.1", "localhost") + "/chat/completions"  # another host, port
+        with StubChatServer(responder=lambda body: Reply.redirect(target, status)) as server:
+            with pytest.raises(LLMError) as info:
+                fast_client(server, api_key_env="VLMR_TEST_KEY").complete(USER)
+            assert server.request_count == 1  # not retried either
+        assert elsewhere.request_count == 0
+    assert info.value.fatal and info.value.status == status
+    assert f"redirect to {target}" in str(info.value) and SECRET not in str(info.value)
+
+
 def test_no_key_in_environment_sends_no_authorization(server, monkeypatch):
     monkeypatch.delenv("VLMR_TEST_KEY", raising=False)
     fast_client(server, api_key_env="VLMR_TEST_KEY").complete(USER)

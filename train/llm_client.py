@@ -14,7 +14,8 @@ Two backends behind one protocol, :class:`LLMClient`::
   and is blanked out of any error text the server echoes back. Timeouts, 408/429/5xx and
   broken connections are retried with exponential backoff (``Retry-After`` honoured), at most
   ``max_retries`` times, then :class:`LLMError`; other 4xx (bad key, model, URL) fail at once
-  with ``fatal=True``. At most ``concurrency`` requests are in flight.
+  with ``fatal=True``. Redirects are never followed (fatal: the key would go with them).
+  At most ``concurrency`` requests are in flight.
 
 :class:`CachedLLM` wraps either: one JSON file per request under the cache folder, keyed by
 sha256 of (backend identity, messages, temperature, seed, max_tokens, label), written to a
@@ -272,8 +273,23 @@ class _Transient(Exception):
         self.status = status
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect with the Authorization header, to any host: never follow."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 class HTTPChatLLM:
-    """An OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp server, ...)."""
+    """An OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp server, ...).
+
+    Redirects are refused (a fatal :class:`LLMError` naming the target): following one would
+    send the API key to wherever the endpoint points, and take that host's reply as the
+    completion. Give the URL the endpoint redirects to instead.
+    """
 
     def __init__(self, url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 60.0, max_retries: int = 4, backoff: float = 1.0,
@@ -316,9 +332,14 @@ class HTTPChatLLM:
     def _attempt(self, body: bytes) -> Completion:
         request = urllib.request.Request(self.endpoint, data=body, headers=self._headers(), method="POST")
         try:
-            with self._slots, urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with self._slots, _OPENER.open(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                target = self._redact(str(exc.headers.get("Location", "?")))
+                raise LLMError(f"HTTP {exc.code} from {self.endpoint}: a redirect to {target}; redirects are "
+                               "refused (the API key would go with it): use the URL it points to",
+                               fatal=True, status=exc.code) from None
             detail = self._redact(exc.read()[:300].decode("utf-8", "replace"))
             message = f"HTTP {exc.code} from {self.endpoint}: {detail}"
             if exc.code in RETRYABLE_STATUS or exc.code >= 500:
