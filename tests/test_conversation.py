@@ -1,4 +1,4 @@
-"""The vicuna v1 template, assistant-only labels, prompts and the length guard's count."""
+"""Chat templates (vicuna v1, the tokenizer's own), assistant-only labels, prompts, the guard's count."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from checkpoints import write_tokenizer
 
 from dataengine.models import load_tokenizer
 from train import conversation
@@ -89,3 +90,76 @@ def test_length_guard_counts_what_the_trainer_feeds(tok):
     sample = {"key": "k", "json": {"conversations": TWO_TURNS}, "feat": torch.zeros(24, 64, dtype=torch.float16)}
     ids, _ = conversation.tokenize(TWO_TURNS, tok)
     assert guard.tokens(sample) == conversation.spliced_length(len(ids), 1, 24)
+
+
+# ------------------------------------------------------------------ exact labels, hand-tokenized
+
+@pytest.fixture(scope="module", params=["chatml", "llama3"])
+def templated_tok(request, tmp_path_factory):
+    """A real-shaped tokenizer with its own chat template (and <video> added, as models load it)."""
+    return request.param, load_tokenizer(write_tokenizer(tmp_path_factory.mktemp(request.param), request.param))
+
+
+def _by_hand(tokenizer, pieces, bos=None):
+    """Expected (ids, labels) from (text, is_target) pieces, each tokenized on its own."""
+    ids, labels = ([bos], [IGNORE_INDEX]) if bos is not None else ([], [])
+    for text, target in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if target else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
+def test_vicuna_labels_equal_a_hand_tokenization(tok):
+    expected = _by_hand(tok, [
+        (SYSTEM + " USER: <video>\nWhat colour is the shape? ASSISTANT:", False), (" A red circle.", True),
+        ("</s>", True), ("USER: Which direction does it move? ASSISTANT:", False), (" It moves left.", True),
+        ("</s>", True)], bos=tok.bos_token_id)
+    assert conversation.tokenize(TWO_TURNS, tok, template="vicuna_v1") == expected
+
+
+def test_tokenizer_template_labels_equal_a_hand_tokenization(templated_tok):
+    """Targets: exactly each answer's tokens and the template's end-of-turn token."""
+    kind, tok = templated_tok
+    if kind == "chatml":
+        pieces = [("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<video>\n"
+                   "What colour is the shape?<|im_end|>\n<|im_start|>assistant\n", False),
+                  ("A red circle.", True), ("<|im_end|>", True),
+                  ("\n<|im_start|>user\nWhich direction does it move?<|im_end|>\n<|im_start|>assistant\n", False),
+                  ("It moves left.", True), ("<|im_end|>", True), ("\n", False)]
+        end = "<|im_end|>"
+    else:
+        pieces = [("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<video>\nWhat colour is the "
+                   "shape?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", False),
+                  ("A red circle.", True), ("<|eot_id|>", True),
+                  ("<|start_header_id|>user<|end_header_id|>\n\nWhich direction does it move?<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+                  ("It moves left.", True), ("<|eot_id|>", True)]
+        end = "<|eot_id|>"
+    chat = conversation.chat_template("tokenizer", tok)
+    assert chat.end_of_turn == (end, tok.convert_tokens_to_ids(end))
+    ids, labels = chat.tokenize(TWO_TURNS)
+    assert (ids, labels) == _by_hand(tok, pieces)
+    assert ids.count(tok.bos_token_id) == (kind == "llama3")  # the template writes BOS; none added twice
+    assert ids.count(conversation.video_token_id(tok)) == 1
+    # The generation prompt is the prefix the model was trained on, up to its first answer.
+    prompt = chat.prompt_ids("What colour is the shape?")
+    assert ids[:len(prompt)] == prompt and labels[len(prompt)] == ids[len(prompt)]
+    assert all(lab == IGNORE_INDEX for lab in labels[:len(prompt)])
+    assert chat.count_tokens(chat.render(TWO_TURNS)) == len(ids)
+
+
+def test_vicuna_on_a_real_shaped_tokenizer_ends_turns_with_its_eos(templated_tok):
+    _, tok = templated_tok
+    chat = conversation.chat_template("vicuna_v1", tok)
+    ids, labels = chat.tokenize(TWO_TURNS)
+    assert chat.end_of_turn_id == tok.eos_token_id and ids[0] == tok.bos_token_id
+    targets = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert targets.count(tok.eos_token_id) == 2 and targets[-1] == tok.eos_token_id
+
+
+def test_tokenizer_template_needs_one(tok):
+    with pytest.raises(ValueError, match="no chat_template"):
+        conversation.chat_template("tokenizer", tok)
+    with pytest.raises(ValueError, match="not one of"):
+        conversation.chat_template("chatml", tok)

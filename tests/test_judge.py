@@ -293,7 +293,7 @@ def test_cli_with_the_tiny_sft_model_as_sampler_and_judge(narrated, tmp_path_fac
         assert ("soft_label" in j) == (not j["agree"])
 
     model = VideoLMM.load(model_dir).eval()
-    a_id, b_id = judge.choice_token_ids(model.tokenizer)
+    a_id, b_id = judge.choice_token_ids(model.chat)
     assert model.tokenizer.decode([a_id]).strip() == "A" and model.tokenizer.decode([b_id]).strip() == "B"
     template = narrate.load_prompt(judge.DEFAULT_QUESTION, required=("question", "answer_a", "answer_b"),
                                    allowed=("rules", "context"))
@@ -306,10 +306,9 @@ def test_cli_with_the_tiny_sft_model_as_sampler_and_judge(narrated, tmp_path_fac
     full = judge.ModelJudge(model, template=template, rules="r", max_length=1024, batch_rows=2, name="m")
     (p,) = full.prefer([comparison])
     # the probability is the one a plain forward of the same prompt gives
-    from train import conversation
     text = judge.judge_text(template, rules="r", context="ctx", question="What moves?", answer_a="a red circle",
                             answer_b="a blue square")
-    ids = torch.tensor([conversation.prompt_ids(text, model.tokenizer)])
+    ids = torch.tensor([model.chat.prompt_ids(text)])
     with torch.no_grad():
         logits = model(ids, sample["feat"][None]).logits[0, -1]
     assert p == pytest.approx(float(torch.sigmoid(logits[a_id] - logits[b_id])), abs=1e-5)

@@ -322,3 +322,21 @@ def test_suppress_token_leaves_logits_without_that_row_alone():
 def test_check_vocab_names_a_tokenizer_that_does_not_belong_to_the_lm(real_lm, tok):
     with pytest.raises(ValueError, match="embedding rows"):
         VideoLMM.build(ModelSettings(lm=str(real_lm), lora_r=4, lora_alpha=4), tok, seed=0)
+
+
+def test_the_chat_template_is_saved_with_the_model(real_lm, tmp_path):
+    """template: tokenizer renders prompts with the checkpoint's own template, after save -> load too."""
+    model = VideoLMM.build(ModelSettings(lm=str(real_lm), lora_r=4, lora_alpha=4, template="tokenizer"), seed=0)
+    tok = model.tokenizer
+    assert model.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    prompt = model.chat.prompt_ids("What happens?")
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n") and prompt.count(model.video_token_id) == 1
+    model.save(tmp_path / "saved")
+    loaded = VideoLMM.load(tmp_path / "saved")
+    assert loaded.settings.template == "tokenizer" and loaded.chat.prompt_ids("What happens?") == prompt
+    sample = dict(SAMPLES[0])
+    batch = collate([sample], tok, template="tokenizer")
+    targets = batch["labels"][batch["labels"] != IGNORE_INDEX].tolist()
+    assert tok.decode(targets) == "A red circle moves left.<|im_end|>"
+    with pytest.raises(ValueError, match="template"):
+        ModelSettings(template="chatml")

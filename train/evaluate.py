@@ -500,7 +500,7 @@ class ModelAnswerer:
             memo = (item.video_id, prompt)
             if memo in self.done or memo in self.queued:
                 continue
-            ids = conversation.prompt_ids(prompt, self.tokenizer)
+            ids = self.model.chat.prompt_ids(prompt)
             length = conversation.spliced_length(len(ids), 1, int(feat.shape[0])) + self.max_new_tokens
             if self.context and length > self.context:
                 return f"too_long ({length} > context {self.context})"

@@ -306,26 +306,25 @@ def context_of(sample: dict[str, Any], mode: str) -> str:
     return clean_text(value)
 
 
-def choice_token_ids(tokenizer) -> tuple[int, int]:
-    """Ids of the tokens that start the replies " A" and " B" right after ``ASSISTANT:``.
+def choice_token_ids(chat) -> tuple[int, int]:
+    """Ids of the first tokens of the replies "A" and "B", as the model's chat template
+    (a :class:`train.conversation.ChatTemplate`) tokenizes an answer in training.
 
-    Found by tokenizing a rendered judge prompt with and without the reply appended (never
-    hard-coded); each must decode to its letter, and they must differ.
+    Found by tokenizing a judge exchange whose answer is the letter (never hard-coded);
+    each must decode to its letter, and they must differ.
     """
-    from train import conversation
+    from train.conversation import IGNORE_INDEX
 
-    probe = conversation.render([{"from": "human", "value": f"{VIDEO_TOKEN}\nWhich answer is better, A or B?"}])
-    base = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    tokenizer = chat.tokenizer
+    question = {"from": "human", "value": f"{VIDEO_TOKEN}\nWhich answer is better, A or B?"}
     ids = []
     for letter in "AB":
-        full = tokenizer(probe + " " + letter, add_special_tokens=False)["input_ids"]
-        if full[:len(base)] != base or len(full) == len(base):
-            raise ValueError(f"tokenizer {type(tokenizer).__name__}: the reply ' {letter}' does not start a new "
-                             "token after 'ASSISTANT:'; cannot read the judge's verdict from one token")
-        token = full[len(base)]
+        full, labels = chat.tokenize([question, {"from": "gpt", "value": letter}])
+        token = next(i for i, lab in zip(full, labels) if lab != IGNORE_INDEX)
         if tokenizer.decode([token]).strip() != letter:
-            raise ValueError(f"tokenizer {type(tokenizer).__name__}: the first token of the reply ' {letter}' "
-                             f"is {tokenizer.decode([token])!r}, not the letter; cannot read the verdict")
+            raise ValueError(f"tokenizer {type(tokenizer).__name__}, template {chat.name}: the first token of the "
+                             f"reply {letter!r} is {tokenizer.decode([token])!r}, not the letter; cannot read "
+                             "the judge's verdict from one token")
         ids.append(int(token))
     if ids[0] == ids[1]:
         raise ValueError("the replies ' A' and ' B' start with the same token")
@@ -345,9 +344,7 @@ class ModelSampler:
         self.name = name
 
     def prompt_ids(self, turns: Sequence[dict[str, str]]) -> list[int]:
-        from train import conversation
-
-        return conversation.prompt_ids(turns[-1]["value"], self.model.tokenizer, history=turns[:-1])
+        return self.model.chat.prompt_ids(turns[-1]["value"], history=turns[:-1])
 
     def sample(self, samples: Sequence[dict[str, Any]], prompts: Sequence[list[dict[str, str]]],
                seed: int) -> list[tuple[Response, Response] | None]:
@@ -384,14 +381,13 @@ class ModelJudge:
         self.template, self.rules = template, rules
         self.max_length, self.batch_rows = max_length, batch_rows
         self.name = name
-        self.choice_ids = choice_token_ids(model.tokenizer)
+        self.choice_ids = choice_token_ids(model.chat)
         self.last_mass: list[float | None] = []
 
     def prefer(self, comparisons: Sequence[Comparison]) -> list[float | None]:
         from train import conversation
         from train.model import pad_sequences
 
-        tokenizer = self.model.tokenizer
         video_id = self.model.video_token_id
         out: list[float | None] = [None] * len(comparisons)
         self.last_mass = [None] * len(comparisons)
@@ -399,7 +395,7 @@ class ModelJudge:
         for i, c in enumerate(comparisons):
             text = judge_text(self.template, rules=self.rules, context=c.context, question=c.question,
                               answer_a=c.answer_a, answer_b=c.answer_b)
-            ids = conversation.prompt_ids(text, tokenizer)
+            ids = self.model.chat.prompt_ids(text)
             if conversation.spliced_length(len(ids), ids.count(video_id), int(c.sample["feat"].shape[0])) \
                     <= self.max_length:
                 todo.append((i, ids))

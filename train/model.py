@@ -5,6 +5,9 @@
     "... USER: <video>\\n{q} ASSISTANT:"  → token embeddings, the <video> token replaced by
                                             the N projected rows (``splice``) → causal LM
 
+The prompt is rendered with the model's chat template (``settings.template``: vicuna v1, as
+drawn, or the checkpoint's own; :mod:`train.conversation`).
+
 The LM is any ``AutoModelForCausalLM`` folder (``tiny`` or a local path such as a
 LLaVA-1.5/Vicuna checkpoint); it stays frozen under LoRA adapters (peft; default r=32,
 alpha=32 on the attention and MLP projections) while the projector is trained in full. A
@@ -17,7 +20,7 @@ inference-only layout and the LoRA gradients silently vanish afterwards.
 
 A saved model is a folder::
 
-    vlmr_model.json              base LM spec, feature width, LoRA/QLoRA settings
+    vlmr_model.json              base LM spec, feature width, LoRA/QLoRA settings, chat template
     adapter_config.json          peft's adapter config
     adapter_model.safetensors    LoRA weights (peft's key format)
     projector.safetensors        projector weights
@@ -70,6 +73,8 @@ class ModelSettings:
     """Load the base LM 4-bit nf4 (bitsandbytes) under the LoRA adapters."""
     dtype: str = "float32"
     """Dtype of the frozen base weights and compute: float32 or bfloat16."""
+    template: str = conversation.DEFAULT_TEMPLATE
+    """Chat template: 'vicuna_v1' (LLaVA-1.5/Vicuna) or 'tokenizer' (the checkpoint's own)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -81,6 +86,8 @@ class ModelSettings:
             problems.append("lora_dropout must be in [0, 1)")
         if self.feat_dim < 1:
             problems.append("feat_dim must be >= 1")
+        if self.template not in conversation.TEMPLATES:
+            problems.append(f"template {self.template!r} not one of {sorted(conversation.TEMPLATES)}")
         if problems:
             raise ValueError("invalid model settings: " + "; ".join(problems))
 
@@ -192,7 +199,9 @@ class VideoLMM(nn.Module):
         self.settings = settings
         self.video_token_id = conversation.video_token_id(tokenizer)
         self.pad_token_id = int(tokenizer.pad_token_id)
-        self.eos_token_id = int(tokenizer.eos_token_id)
+        self.chat = conversation.chat_template(settings.template, tokenizer)
+        # Where an answer ends: the template's end-of-turn token (vicuna v1: the tokenizer's EOS).
+        self.eos_token_id = self.chat.end_of_turn_id
 
     # -- construction ----------------------------------------------------------------
     @classmethod
@@ -375,15 +384,15 @@ class VideoLMM(nn.Module):
                  seed: int = 0) -> Generation:
         """Answer a batch of prompts about their videos, with a KV cache.
 
-        ``prompts`` are questions (templated with :func:`train.conversation.prompt_ids`) or
-        token-id lists already ending in ``ASSISTANT:``; ``feat`` is (B, N, D) or B tensors.
+        ``prompts`` are questions (templated with the model's chat template, ``self.chat``)
+        or token-id lists of such prompts; ``feat`` is (B, N, D) or B tensors.
         Sampling (``do_sample``) uses temperature and nucleus (``top_p``) filtering with a
         generator seeded by ``seed``, so the same call gives the same answers; otherwise
-        greedy. A row stops at EOS.
+        greedy. A row stops at the end-of-turn token (``eos_token_id``).
         """
         if do_sample and temperature <= 0:
             raise ValueError("temperature must be > 0 when sampling")
-        ids = [list(p) if not isinstance(p, str) else conversation.prompt_ids(p, self.tokenizer) for p in prompts]
+        ids = [list(p) if not isinstance(p, str) else self.chat.prompt_ids(p) for p in prompts]
         device = self.projector[0].weight.device
         input_ids, mask = pad_sequences(ids, self.pad_token_id, side="left")
         input_ids, mask = input_ids.to(device), mask.to(device)
@@ -511,11 +520,11 @@ def pad_sequences(rows: Sequence[Sequence[int]], pad: int, side: str = "right") 
 
 
 def collate(samples: Sequence[dict[str, Any]], tokenizer, *, max_length: int | None = None,
-            padding_side: str = "right") -> dict[str, Any]:
+            padding_side: str = "right", template: str = conversation.DEFAULT_TEMPLATE) -> dict[str, Any]:
     """A training batch from reader samples (``json`` with ``conversations``, ``feat``).
 
     Samples that carry ``input_ids``/``labels`` already (tokenized while reading, see
-    :func:`tokenize_sample`) are only padded. A sample marked ``substitute_for`` (the
+    :func:`tokenize_sample`, with the model's ``template``) are only padded. A sample marked ``substitute_for`` (the
     reader's stand-in for a skipped one, so that every rank keeps the same count) keeps
     its place in the batch but gets no target tokens: it adds nothing to the loss.
 
@@ -529,7 +538,7 @@ def collate(samples: Sequence[dict[str, Any]], tokenizer, *, max_length: int | N
     substitutes = 0
     for sample in samples:
         if "input_ids" not in sample:
-            sample = tokenize_sample(sample, tokenizer, max_length=max_length)
+            sample = tokenize_sample(sample, tokenizer, max_length=max_length, template=template)
         lab = sample["labels"]
         if sample.get("substitute_for"):
             lab = [IGNORE_INDEX] * len(lab)
@@ -550,15 +559,17 @@ def collate(samples: Sequence[dict[str, Any]], tokenizer, *, max_length: int | N
     }
 
 
-def tokenize_sample(sample: dict[str, Any], tokenizer, *, max_length: int | None = None) -> dict[str, Any]:
-    """The sample with ``input_ids`` and ``labels`` of its conversation added (a new dict).
+def tokenize_sample(sample: dict[str, Any], tokenizer, *, max_length: int | None = None,
+                    template: str = conversation.DEFAULT_TEMPLATE) -> dict[str, Any]:
+    """The sample with ``input_ids`` and ``labels`` of its conversation added (a new dict),
+    rendered with the chat ``template`` (the model's ``settings.template``).
 
     Errors name the sample's key.
     """
     feat = sample["feat"]
     try:
-        ids, labels = conversation.tokenize(sample["json"]["conversations"], tokenizer,
-                                            max_length=max_length, feat_rows=int(feat.shape[0]))
+        ids, labels = conversation.tokenize(sample["json"]["conversations"], tokenizer, max_length=max_length,
+                                            feat_rows=int(feat.shape[0]), template=template)
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"sample {sample.get('key', '?')}: {exc}") from exc
     return dict(sample, input_ids=ids, labels=labels)

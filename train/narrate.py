@@ -179,11 +179,9 @@ class ModelCaptioner:
 
     def __init__(self, model, prompt: str, *, max_new_tokens: int, batch_rows: int, max_length: int,
                  name: str):
-        from train import conversation
-
         self.model = model
         self.prompt = prompt
-        self.prompt_ids = conversation.prompt_ids(prompt, model.tokenizer)
+        self.prompt_ids = model.chat.prompt_ids(prompt)
         self.max_new_tokens = max_new_tokens
         self.batch_rows = batch_rows
         self.max_length = max_length
