@@ -14,9 +14,13 @@ A SOURCE is a shard folder or its manifest file, as a local path, ``file://``,
 or any fsspec URL whose backend is installed (``s3://`` needs s3fs, ``gs://`` gcsfs;
 chained URLs like ``simplecache::s3://...`` too). ``pipe:COMMAND`` runs COMMAND (split
 like a shell would, never through a shell) with ``{}`` replaced by the file name
-(``manifest.json``, then each shard's URL); it runs a command, so it is refused unless
-the caller passes ``allow_pipe=True``. Shard URLs in a manifest are relative to the
-manifest's folder unless they are absolute paths or URLs.
+(``manifest.json``, then each shard's URL, quoted as one argument); it runs a command, so
+it is refused unless the caller passes ``allow_pipe=True``.
+
+Shard URLs in a manifest are relative to the manifest's folder. A manifest is data, never
+a command: a ``pipe:`` shard URL is refused whatever the caller allows, and a shard URL
+that leaves the folder (an absolute path, another URL, ``../``) is refused unless the
+caller passes ``allow_outside=True`` (it trusts that manifest).
 
 Every way a source can fail to open is a :class:`SourceError` (a ``ValueError``) naming
 the source or the manifest URL; nothing there, or a folder without a manifest, is the
@@ -31,6 +35,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 import re
 import shlex
 import subprocess
@@ -80,16 +85,33 @@ def local_path(url: str) -> str | None:
     return None
 
 
-def resolve_url(base: str, name: str) -> str:
+def leaves_folder(name: str) -> bool:
+    """Whether a shard URL from a manifest points outside the manifest's folder: an absolute
+    path, a URL, or a relative path that climbs out with ``..``."""
+    if url_scheme(name) or os.path.isabs(name):
+        return True
+    normal = posixpath.normpath(name)
+    return normal == ".." or normal.startswith("../")
+
+
+def resolve_url(base: str, name: str, *, allow_outside: bool = False) -> str:
     """``name`` (a shard URL from a manifest) relative to ``base``, the manifest's folder.
 
-    Absolute paths and URLs stay as they are; under a ``pipe:`` template, ``name`` takes
-    the place of ``{}``.
+    A manifest never runs a command: a ``pipe:`` name is refused, always; under a ``pipe:``
+    template (the user's own command), ``name`` takes the place of ``{}``, quoted as one
+    argument. A name that leaves the folder (absolute path, URL, ``../``) is refused unless
+    ``allow_outside`` (the user trusts the manifest); then it is used as it is.
     """
-    if url_scheme(name) or os.path.isabs(name):
+    if url_scheme(name) == "pipe":
+        raise SourceError(f"shard URL {name!r} would run a command; a manifest never runs one "
+                          "(the pipe: template given as the source is the only command)")
+    if leaves_folder(name):
+        if not allow_outside:
+            raise SourceError(f"shard URL {name!r} points outside the shard set's folder; pass "
+                              "allow_outside=True if you trust this manifest")
         return name
     if url_scheme(base) == "pipe":
-        return base.replace("{}", name)
+        return base.replace("{}", shlex.quote(name))
     return base.rstrip("/") + "/" + name if base else name
 
 
@@ -268,13 +290,20 @@ class ManifestLocation:
     """The manifest's path or URL."""
     base: str
     """The folder (path or URL) relative shard URLs are under; for ``pipe:``, the template."""
+    allow_outside: bool = False
+    """Shard URLs may point outside the folder (the caller trusts the manifest)."""
 
     def resolve(self, name: str) -> str:
-        """A shard URL from the manifest, made openable (see :func:`resolve_url`)."""
-        return resolve_url(self.base, name)
+        """A shard URL from the manifest, made openable (see :func:`resolve_url`); a refused
+        one is a :class:`SourceError` naming the manifest."""
+        try:
+            return resolve_url(self.base, name, allow_outside=self.allow_outside)
+        except SourceError as exc:
+            raise SourceError(f"{self.url}: {exc}") from None
 
 
-def locate_manifest(source: str | os.PathLike, *, allow_pipe: bool = False) -> ManifestLocation:
+def locate_manifest(source: str | os.PathLike, *, allow_pipe: bool = False,
+                    allow_outside: bool = False) -> ManifestLocation:
     """Find the manifest of a folder, a manifest file or a URL of either; reads nothing remote.
 
     Local sources are checked here: a missing path, or a folder without a manifest (with a
@@ -289,7 +318,7 @@ def locate_manifest(source: str | os.PathLike, *, allow_pipe: bool = False) -> M
         if "{}" not in source:
             raise SourceError(f"{source}: a pipe: source needs a {{}} where the file name goes "
                               "(e.g. 'pipe:cat /data/set/{}')")
-        return ManifestLocation(source, source.replace("{}", schema.MANIFEST_NAME), source)
+        return ManifestLocation(source, source.replace("{}", schema.MANIFEST_NAME), source, allow_outside)
     path = local_path(source)
     trimmed = source.rstrip("/") or source  # "/" stays "/"
     if path is not None:
@@ -300,14 +329,14 @@ def locate_manifest(source: str | os.PathLike, *, allow_pipe: bool = False) -> M
                 hint = (f" ({len(tars)} tar(s) but no manifest: an unfinished build? the manifest "
                         "is written last)") if tars else ""
                 raise SourceNotFoundError(f"{source}: no {schema.MANIFEST_NAME} in this folder{hint}")
-            return ManifestLocation(source, trimmed + "/" + schema.MANIFEST_NAME, trimmed)
+            return ManifestLocation(source, trimmed + "/" + schema.MANIFEST_NAME, trimmed, allow_outside)
         if os.path.exists(path):  # a manifest file, whatever its name
             base = trimmed.rsplit("/", 1)[0] if "/" in trimmed else "."
-            return ManifestLocation(source, trimmed, base)
+            return ManifestLocation(source, trimmed, base, allow_outside)
         raise SourceNotFoundError(f"{source}: no such file or folder")
     if trimmed.endswith(".json"):
-        return ManifestLocation(source, trimmed, trimmed.rsplit("/", 1)[0])
-    return ManifestLocation(source, trimmed + "/" + schema.MANIFEST_NAME, trimmed)
+        return ManifestLocation(source, trimmed, trimmed.rsplit("/", 1)[0], allow_outside)
+    return ManifestLocation(source, trimmed + "/" + schema.MANIFEST_NAME, trimmed, allow_outside)
 
 
 def parse_manifest(data: bytes, origin: str) -> Manifest:
@@ -325,17 +354,24 @@ def parse_manifest(data: bytes, origin: str) -> Manifest:
         raise SourceError(message if message.startswith(origin) else f"{origin}: {message}") from exc
 
 
-def open_manifest(source: str | os.PathLike, *, allow_pipe: bool = False) -> tuple[ManifestLocation, Manifest]:
+def open_manifest(source: str | os.PathLike, *, allow_pipe: bool = False,
+                  allow_outside: bool = False) -> tuple[ManifestLocation, Manifest]:
     """Locate (:func:`locate_manifest`) and load a source's manifest; nothing else is read.
 
-    Raises :class:`SourceError` naming the source or manifest URL, and
+    Every shard URL is checked here (see :func:`resolve_url`): one that would run a command,
+    or (without ``allow_outside``) leave the set's folder, is refused before anything is
+    opened. Raises :class:`SourceError` naming the source or manifest URL, and
     :class:`SourceNotFoundError` when there is nothing there.
     """
-    where = locate_manifest(source, allow_pipe=allow_pipe)
+    where = locate_manifest(source, allow_pipe=allow_pipe, allow_outside=allow_outside)
     try:
         data = read_url(where.url, allow_pipe=allow_pipe)
     except (OSError, ValueError) as exc:
         error = SourceNotFoundError if isinstance(exc, FileNotFoundError) else SourceError
         detail = str(exc).removeprefix(where.url + ": ")  # the stream's own message may name the URL
         raise error(f"{where.url}: cannot read the manifest: {detail}") from exc
-    return where, parse_manifest(data, where.url)
+    manifest = parse_manifest(data, where.url)
+    for stage in manifest.stages:
+        for shard in stage.shards:
+            where.resolve(shard.url)
+    return where, manifest

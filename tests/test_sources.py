@@ -180,12 +180,55 @@ def test_pipe_needs_opt_in_and_runs_nothing_without_it(shard_set, tmp_path):
     where, manifest = sources.open_manifest(f"pipe:cat {shard_set}/{{}}", allow_pipe=True)
     assert where.url == f"pipe:cat {shard_set}/manifest.json"
     assert where.resolve("easy-000000.tar") == f"pipe:cat {shard_set}/easy-000000.tar"
-    assert where.resolve("/abs/x.tar") == "/abs/x.tar"
+    assert where.resolve("my set.tar") == f"pipe:cat {shard_set}/'my set.tar'"  # one argument
     assert shard_bytes(where, manifest, allow_pipe=True) == local_bytes(shard_set)
     with pytest.raises(SourceError, match=r"needs a \{\} where the file name goes"):
         sources.open_manifest(f"pipe:cat {shard_set}/manifest.json", allow_pipe=True)
     with pytest.raises(SourceError, match="cannot read the manifest: exited with status 3"):
         sources.open_manifest(f"pipe:sh -c 'cat {shard_set}/$0; exit 3' {{}}", allow_pipe=True)
+
+
+def _manifest_naming(folder, shard_set, url):
+    """A copy of shard_set's manifest under ``folder`` whose first shard URL is ``url``."""
+    data = json.loads((shard_set / "manifest.json").read_text())
+    data["stages"][0]["shards"][0]["url"] = url
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_a_manifest_never_runs_a_command(shard_set, tmp_path):
+    """Issue 16: with allow_pipe=True, a manifest entry "url": "pipe:touch X" ran."""
+    marker = tmp_path / "ran"
+    for source in (_manifest_naming(tmp_path / "set", shard_set, f"pipe:touch {marker}"),
+                   f"pipe:cat {_manifest_naming(tmp_path / 'set2', shard_set, f'pipe:touch {marker}')}/{{}}"):
+        with pytest.raises(SourceError, match="would run a command; a manifest never runs one"):
+            where, manifest = sources.open_manifest(source, allow_pipe=True)
+            shard_bytes(where, manifest, allow_pipe=True)  # (the old code ran the command here)
+        assert not marker.exists()
+        with pytest.raises(SourceError, match="would run a command"):  # trusting the folder is not enough
+            sources.open_manifest(source, allow_pipe=True, allow_outside=True)
+
+
+def test_shard_names_are_one_argument_of_the_users_pipe(tmp_path):
+    marker = tmp_path / "ran"
+    hostile = f"x.tar {marker} 'quoted' $(touch {marker})"
+    count_args = f"pipe:{sys.executable} -c 'import sys; sys.stdout.write(repr(sys.argv[1:]))' {{}}"
+    url = sources.resolve_url(count_args, hostile)
+    assert sources.read_url(url, allow_pipe=True).decode() == repr([hostile])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("url", ["../outside.tar", "sub/../../outside.tar", "/abs/outside.tar",
+                                 "file:///abs/outside.tar", "http://elsewhere/x.tar"])
+def test_a_shard_url_that_leaves_the_folder_is_refused_unless_allowed(shard_set, tmp_path, url):
+    (tmp_path / "outside.tar").write_bytes((shard_set / "easy-000000.tar").read_bytes())
+    folder = _manifest_naming(tmp_path / "set", shard_set, url)
+    for source in (folder, f"pipe:cat {folder}/{{}}"):
+        with pytest.raises(SourceError, match=r"manifest.json: shard URL .* points outside the shard set's folder"):
+            sources.open_manifest(source, allow_pipe=True)
+    where, _ = sources.open_manifest(folder, allow_outside=True)
+    assert where.resolve(url) == url
 
 
 # ----------------------------------------------------------------------------- bad sources
@@ -236,8 +279,9 @@ def test_local_path_and_resolve_url():
     assert sources.local_path("http://host/a.tar") is None
     assert sources.resolve_url("shards/demo", "easy-000000.tar") == "shards/demo/easy-000000.tar"
     assert sources.resolve_url("http://h/set/", "easy.tar") == "http://h/set/easy.tar"
-    assert sources.resolve_url("http://h/set", "/abs/easy.tar") == "/abs/easy.tar"
-    assert sources.resolve_url("shards/demo", "s3://b/easy.tar") == "s3://b/easy.tar"
+    assert sources.resolve_url("http://h/set", "/abs/easy.tar", allow_outside=True) == "/abs/easy.tar"
+    assert sources.resolve_url("shards/demo", "s3://b/easy.tar", allow_outside=True) == "s3://b/easy.tar"
+    assert sources.resolve_url("shards/demo", "sub/../easy.tar") == "shards/demo/sub/../easy.tar"  # stays in
     assert sources.resolve_url("pipe:cat /x/{}", "easy.tar") == "pipe:cat /x/easy.tar"
     assert sources.resolve_url("", "easy.tar") == "easy.tar"
 
