@@ -49,8 +49,8 @@ contiguous byte range): on local files it reads the window's samples in output o
 which readahead and the page cache serve; on streams (http, fsspec, pipe) it reads them
 in file order, strictly sequentially, and holds them (at most ``window / (R * W)``
 samples) to hand them out permuted. Each member is read with one ``readinto`` into a
-buffer the returned tensor owns (buffers the consumer dropped are reused, which saves
-page faults): ``feat`` and ``clips`` are writable float16 tensors, ``json`` a dict, other
+buffer the returned tensor owns (the memory of buffers the consumer dropped is reused,
+which saves page faults: :class:`~dataengine.prefetch.BufferPool`): ``feat`` and ``clips`` are writable float16 tensors, ``json`` a dict, other
 members raw bytes. Members not in ``fields`` are not decoded, and on seekable files not
 read. A background thread reads ahead into a queue bounded in bytes (``prefetch_bytes``),
 so memory depends on that bound and the window, never on the number of shards or the
@@ -83,6 +83,12 @@ name (``manifest.json``, then each shard's URL); it needs ``allow_pipe=True``. O
 is :mod:`dataengine.sources` (shared with ``vlmr inspect``); a source that cannot be opened
 raises its :class:`~dataengine.sources.SourceError` naming the source or the manifest URL.
 
+Where things are: the plan arithmetic (global sequence, rank slices, worker shares) is
+:mod:`dataengine.plan`; the read-ahead thread, its bytes-bounded queue and the buffer pool are
+:mod:`dataengine.prefetch`; tar parsing, member names, ``.npy`` decoding and
+:class:`ShardError` are :mod:`dataengine.tario`; this module walks shards and keeps the state.
+``docs/reader.md`` lists what the reader relies on.
+
 The length guard for trainers, :class:`LengthGuard`, lives here too (the engine never
 imports ``train``): it counts a sample's tokens once video features are spliced in.
 
@@ -92,126 +98,49 @@ tests/test_reader_dist.py``.
 
 from __future__ import annotations
 
-import ast
-import bisect
 import collections
-import functools
 import hashlib
 import json
 import logging
-import math
 import os
-import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dataengine import schema
+from dataengine.plan import (EpochOrder, RankSlice, ReadRange, Remainder, Shuffle, StagePlan, locate,
+                             read_groups, read_ranges, worker_indices)
+from dataengine.prefetch import BufferPool, BytesQueue, sample_nbytes, threaded
 from dataengine.schema import ShardInfo
 from dataengine.sources import SourceError, read_url  # noqa: F401  (re-exported: train/ imports them here)
 from dataengine.sources import local_path, open_manifest, open_url
-from dataengine.tario import TarError, TarMember, TarReader, TruncatedTarError
+from dataengine.tario import ShardError, TarError, TarMember, TarReader, TruncatedTarError, decode_npy, split_name
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "vlmr-reader/1"
-Shuffle = Literal["none", "window", "stage"]
 OnError = Literal["raise", "skip"]
-Remainder = Literal["drop", "repeat"]
+
+# The keys of a torchdata StatefulDataLoader state that the reader reads to find its workers'
+# states (private to torchdata 0.11; tests/test_reader.py checks them against the installed one).
+LOADER_SNAPSHOT = "_snapshot"
+LOADER_WORKER_SNAPSHOTS = "_worker_snapshots"
+LOADER_DATASET_STATE = "dataset_state"
+LOADER_STEPS_SINCE_SNAPSHOT = "_steps_since_snapshot"
 
 # Output names of the members the schema knows; any other member keeps its suffix.
 _OUTPUT_NAME = {schema.JSON: "json", schema.FEAT: "feat", schema.CLIPS: "clips"}
 _DEFAULT_REQUIRED = ("json", "feat")
 _HASH_CHUNK = 4 << 20
-_QUEUE_LOW = 2 << 20
 _ERRORS_KEPT = 100
 
 
-class ShardError(ValueError):
-    """A shard cannot be read as the manifest says; names the URL, and the key/member or offset."""
-
-    def __init__(self, url: str, message: str, *, key: str | None = None, member: str | None = None,
-                 offset: int | None = None, reason: str = "error", whole_shard: bool = False):
-        where = [url]
-        if key is not None:
-            where.append(f"key {key!r}")
-        if member is not None:
-            where.append(f"member {member!r}")
-        if offset is not None:
-            where.append(f"byte {offset}")
-        super().__init__(f"{', '.join(where)}: {message}")
-        self.url, self.key, self.member, self.offset = url, key, member, offset
-        self.reason = reason
-        self.whole_shard = whole_shard
-
-
-# ------------------------------------------------------------------------------- sources
-# Opening URLs and manifests lives in dataengine.sources (shared with `vlmr inspect`);
-# open_url, read_url and SourceError stay importable from here.
-
-
+# ShardError, split_name and decode_npy are dataengine.tario's (shared with `vlmr inspect`);
+# the plan arithmetic is dataengine.plan, the read-ahead thread and buffer pool dataengine.prefetch.
 
 # ------------------------------------------------------------------------------ decoding
-
-@functools.lru_cache(maxsize=256)
-def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
-    """(dtype, shape, fortran order, element count) of an .npy header: a Python literal,
-    never unpickled.
-
-    Cached: a shard repeats the same few headers, and parsing one costs more than reading
-    a megabyte."""
-    meta = ast.literal_eval(header.decode("latin1"))
-    dtype = np.dtype(meta["descr"])
-    shape = tuple(int(d) for d in meta["shape"])
-    if any(d < 0 for d in shape):
-        raise ValueError(f"negative dimension in shape {shape}")
-    return dtype, shape, bool(meta["fortran_order"]), math.prod(shape)
-
-
-def decode_npy(buf: np.ndarray, what: str) -> torch.Tensor:
-    """A torch tensor over the data of an ``.npy`` file held in ``buf`` (uint8), no copy."""
-    raw = buf.data
-    head = raw[:12].tobytes()
-    if len(head) < 10 or head[:6] != b"\x93NUMPY":
-        raise ValueError(f"{what}: not an .npy file (bad magic)")
-    major = head[6]
-    if major == 1:
-        hlen, start = head[8] | head[9] << 8, 10
-    elif major in (2, 3):
-        hlen, start = int.from_bytes(head[8:12], "little"), 12
-    else:
-        raise ValueError(f"{what}: unknown .npy version {major}")
-    try:
-        dtype, shape, fortran, count = _npy_header(raw[start:start + hlen].tobytes())
-    except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError) as exc:
-        raise ValueError(f"{what}: unreadable .npy header: {exc}") from None
-    if dtype.hasobject:
-        raise ValueError(f"{what}: object arrays need pickle, which shards never use")
-    offset = start + hlen
-    if len(buf) - offset != count * dtype.itemsize:
-        raise ValueError(f"{what}: .npy data holds {len(buf) - offset} bytes, "
-                         f"shape {shape} of {dtype} needs {count * dtype.itemsize}")
-    array = buf[offset:].view(dtype).reshape(shape, order="F" if fortran else "C")
-    if not dtype.isnative:
-        array = array.astype(dtype.newbyteorder("="))
-    try:
-        return torch.from_numpy(array)
-    except TypeError as exc:
-        raise ValueError(f"{what}: {exc}") from None
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key ends at the first dot after the last slash."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1:]
-
 
 def _output_name(suffix: str) -> str:
     return _OUTPUT_NAME.get(suffix, suffix)
@@ -225,59 +154,6 @@ def _field_of(suffix: str, fields: tuple[str, ...] | None) -> str | None:
         if suffix == f or suffix.startswith(f + "."):
             return f
     return None
-
-
-def _nbytes(sample: dict[str, Any]) -> int:
-    total = 1024  # the dict, key and json, roughly
-    for value in sample.values():
-        if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-        elif isinstance(value, (bytes, bytearray)):
-            total += len(value)
-    return total
-
-
-class _BufferPool:
-    """Reuses the buffers of members whose samples the consumer has dropped.
-
-    A fresh buffer per member costs a page fault and a page of zeroing per 4 KiB: about a
-    tenth of the read. A buffer is handed out again only once the pool holds the last
-    reference to it (every tensor over it, and every view, holds one), checked with
-    ``sys.getrefcount``. Of the free buffers of a size, the one handed out most recently is
-    taken: it was written last, so it is the likeliest still in the CPU cache. (Taking the
-    oldest instead cycles through the whole pool, and writing into memory that has left
-    the cache costs a third more than the read itself.) At most ``max_bytes`` are kept;
-    past that, buffers are plain allocations the consumer owns outright.
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.by_size: dict[int, list[np.ndarray]] = {}
-        """Per size, the pool's buffers, in the order they were last handed out."""
-        self.reused = 0
-
-    def get(self, size: int) -> np.ndarray:
-        ring = self.by_size.get(size)
-        if ring:
-            getrefcount = sys.getrefcount
-            for k in range(len(ring) - 1, -1, -1):
-                buf = ring[k]
-                # references: the list, `buf`, getrefcount's argument
-                if getrefcount(buf) == 3:
-                    if k != len(ring) - 1:
-                        del ring[k]
-                        ring.append(buf)
-                    self.reused += 1
-                    return buf
-            del buf
-        buf = np.empty(size, dtype=np.uint8)
-        if self.bytes + size <= self.max_bytes:
-            if ring is None:
-                ring = self.by_size[size] = []
-            ring.append(buf)
-            self.bytes += size
-        return buf
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -327,158 +203,6 @@ class ReaderStats:
         self.members_decoded += other.members_decoded
         self.members_skipped += other.members_skipped
         self.errors.extend(other.errors[:max(0, _ERRORS_KEPT - len(self.errors))])
-
-
-# ---------------------------------------------------------------------------------- plan
-
-@dataclass(frozen=True)
-class _StagePlan:
-    name: str
-    start: int
-    """Global index of the stage's first sample."""
-    shards: tuple[ShardInfo, ...]
-    urls: tuple[str, ...]
-    ends: tuple[int, ...]
-    """Cumulative sample counts: shard j holds stage samples [ends[j-1], ends[j])."""
-
-    @property
-    def samples(self) -> int:
-        return self.ends[-1] if self.ends else 0
-
-
-class EpochOrder:
-    """Which sample sits at each position of one epoch's global sequence.
-
-    Depends only on the stage sizes and (shuffle, window, neighbourhood, seed, epoch); the
-    permutations come from numpy's PCG64 seeded by ``[seed, epoch, stage, kind, index]``
-    (integer arithmetic, the same on every machine).
-    """
-
-    _BLOCK, _WINDOW, _STAGE = 1, 2, 3
-
-    def __init__(self, stage_sizes: Sequence[int], *, shuffle: Shuffle, window: int,
-                 neighbourhood: int, seed: int, epoch: int):
-        self.sizes = list(stage_sizes)
-        self.starts = [0]
-        for n in self.sizes:
-            self.starts.append(self.starts[-1] + n)
-        self.total = self.starts[-1]
-        self.shuffle, self.window, self.neighbourhood = shuffle, window, neighbourhood
-        self.seed, self.epoch = seed, epoch
-        self._perms: collections.OrderedDict = collections.OrderedDict()
-
-    def _perm(self, kind: int, stage: int, index: int, n: int) -> np.ndarray:
-        key = (kind, stage, index)
-        perm = self._perms.get(key)
-        if perm is None:
-            rng = np.random.default_rng([self.seed, self.epoch, stage, kind, index])
-            perm = rng.permutation(n)
-            self._perms[key] = perm
-            if len(self._perms) > 8:
-                self._perms.popitem(last=False)
-        return perm
-
-    def locate(self, position: int) -> tuple[int, int]:
-        """(stage index, position within the stage)."""
-        stage = bisect.bisect_right(self.starts, position) - 1
-        return stage, position - self.starts[stage]
-
-    def group(self, position: int) -> tuple[int, int]:
-        """Positions with the same group are read together (one window of the sequence)."""
-        stage, p = self.locate(position)
-        return stage, (p // self.window if self.shuffle == "window" else 0)
-
-    def sample(self, position: int) -> int:
-        """The global sample index (stream order) at ``position``."""
-        if self.shuffle == "none":
-            return position
-        stage, p = self.locate(position)
-        n = self.sizes[stage]
-        if self.shuffle == "stage":
-            return self.starts[stage] + int(self._perm(self._STAGE, stage, 0, n)[p])
-        w, h = self.window, self.neighbourhood
-        full = n // w
-        slot = p // w
-        if slot < full:  # whole windows are permuted within blocks of h; a short last one stays last
-            block = slot // h
-            size = min(h, full - block * h)
-            win = block * h + int(self._perm(self._BLOCK, stage, block, size)[slot % h])
-            wsize = w
-        else:
-            win, wsize = slot, n - full * w
-        return self.starts[stage] + win * w + int(self._perm(self._WINDOW, stage, win, wsize)[p - slot * w])
-
-
-@dataclass(frozen=True)
-class RankSlice:
-    """How the positions ``[start, total)`` of an epoch are dealt to ``world_size`` ranks.
-
-    Steps of ``world_size * batch_size`` positions; rank r takes the r-th ``batch_size`` of
-    each step; the last, partial step is split evenly. Every rank gets :attr:`per_rank`.
-    """
-
-    total: int
-    start: int
-    world_size: int
-    batch_size: int
-    remainder: Remainder
-
-    @property
-    def per_rank(self) -> int:
-        left = max(0, self.total - self.start)
-        if self.remainder == "repeat":
-            return -(-left // self.world_size)
-        return left // self.world_size
-
-    @property
-    def full_steps(self) -> int:
-        return self.per_rank // self.batch_size
-
-    def position(self, rank: int, i: int) -> int:
-        """Global sequence position of rank ``rank``'s ``i``-th sample."""
-        b, steps = self.batch_size, self.full_steps
-        q = i // b
-        if q < steps:
-            g = self.start + q * self.world_size * b + rank * b + i % b
-        else:
-            tail = self.per_rank - steps * b
-            g = self.start + steps * self.world_size * b + rank * tail + (i - steps * b)
-        return g % self.total if g >= self.total else g
-
-    def global_position(self, consumed: int) -> int | None:
-        """Where the epoch stands once every rank consumed ``consumed`` samples, or None when
-        that set is not a prefix of the sequence (a position inside a step)."""
-        if consumed >= self.per_rank:
-            return self.total
-        if consumed % self.batch_size == 0:
-            return self.start + consumed * self.world_size
-        return None
-
-
-def worker_indices(per_rank: int, offset: int, batch_size: int, worker: int, num_workers: int,
-                   skip: int = 0) -> Iterator[int]:
-    """A worker's share of a rank's samples ``[offset, per_rank)``: chunks of ``batch_size``
-    dealt round-robin, so a DataLoader's batch-by-worker output is the rank's order."""
-    n_chunks = -(-max(0, per_rank - offset) // batch_size)
-    for chunk in range(worker, n_chunks, num_workers):
-        lo = offset + chunk * batch_size
-        hi = min(lo + batch_size, per_rank)
-        if skip >= hi - lo:
-            skip -= hi - lo
-            continue
-        yield from range(lo + skip, hi)
-        skip = 0
-
-
-@dataclass(frozen=True)
-class ReadRange:
-    """A run of consecutive samples of one shard, read in one sequential pass."""
-
-    stage: str
-    url: str
-    first: int
-    """Index of the first sample within the shard."""
-    count: int
 
 
 # ------------------------------------------------------------------------------ reading
@@ -644,7 +368,7 @@ class _Shard:
             raise ShardError(self.url, f"the tar ends after {i} samples; the manifest lists "
                                        f"{self.info.samples}", offset=tar.position,
                              reason="fewer samples than the manifest", whole_shard=True)
-        key, suffix = _split_name(member.name)
+        key, suffix = split_name(member.name)
         if key in self.seen:
             raise ShardError(self.url, "members of this key are not contiguous "
                                        f"(member {member.name!r} comes after other keys)",
@@ -662,7 +386,7 @@ class _Shard:
             member = tar.next()
             if member is None:
                 break
-            next_key, suffix = _split_name(member.name)
+            next_key, suffix = split_name(member.name)
             if next_key != key:
                 break
         self.index.append((key, members))
@@ -670,7 +394,7 @@ class _Shard:
         self.peeked = member
         self.at = i + 1
         if member is not None:
-            next_key = _split_name(member.name)[0]
+            next_key = split_name(member.name)[0]
             if next_key in self.seen:  # a key seen before: its members were split up
                 raise ShardError(self.url, "members of this key are not contiguous "
                                            f"(member {member.name!r} comes after key {key!r})",
@@ -694,7 +418,11 @@ class _Shard:
         if how == "npy":  # one read straight into the buffer the tensor keeps
             buf = self.ctx.pool.get(member.size)
             self.tar.readinto(member, buf)
-            return decode_npy(buf, f"{self.url}: {member.name}")
+            array = decode_npy(buf, f"{self.url}: {member.name}")
+            try:
+                return torch.from_numpy(array)
+            except TypeError as exc:  # a dtype torch has no type for
+                raise ValueError(f"{self.url}: {member.name}: {exc}") from None
         data = self.tar.read(member)
         if how == "json":
             try:
@@ -716,7 +444,7 @@ class _ReadContext:
     allow_pipe: bool
     on_error: OnError
     stats: ReaderStats
-    pool: _BufferPool
+    pool: BufferPool
     _kinds: dict[str, tuple[str, str] | None] = field(default_factory=dict)
     _missing: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
 
@@ -749,22 +477,13 @@ class _ReadContext:
             self.stats.errors.append(str(exc))
 
 
-def _locate(stages: Sequence[_StagePlan], index: int) -> tuple[int, int, int]:
-    """(stage, shard, sample within the shard) of a global sample index."""
-    s = bisect.bisect_right([p.start for p in stages], index) - 1 if len(stages) > 1 else 0
-    stage = stages[s]
-    p = index - stage.start
-    j = bisect.bisect_right(stage.ends, p)
-    return s, j, p - (stage.ends[j - 1] if j else 0)
-
-
 class _Fetcher:
     """Global sample index -> decoded sample. Keeps the few most recently used shards open
     (a window may span two or three shards), with the sample offsets found in them."""
 
     _KEEP = 4
 
-    def __init__(self, stages: Sequence[_StagePlan], ctx: _ReadContext):
+    def __init__(self, stages: Sequence[StagePlan], ctx: _ReadContext):
         self.stages = stages
         self.ctx = ctx
         self._shards: collections.OrderedDict[tuple[int, int], _Shard] = collections.OrderedDict()
@@ -789,7 +508,7 @@ class _Fetcher:
 
     def fetch(self, index: int) -> dict[str, Any] | _Skip:
         """The sample, or a :class:`_Skip` when ``on_error="skip"`` (counted and logged)."""
-        s, j, i = _locate(self.stages, index)
+        s, j, i = locate(self.stages, index)
         shard = self.shard(s, j)
         try:
             return shard.sample(i)
@@ -806,76 +525,6 @@ class _Fetcher:
         for shard in self._shards.values():
             shard.close()
         self._shards.clear()
-
-
-class _BytesQueue:
-    """A FIFO between the prefetch thread and the consumer, bounded by the bytes of the
-    items in it or handed out and not yet released (one item may exceed the bound).
-
-    A consumer that finds it empty waits until ``low`` bytes are ready (or the producer
-    finished, or is blocked) and takes all of it: one wake-up and GIL hand-off per few
-    samples rather than per small sample. ``low`` is kept small (2 MiB at most), not a
-    fraction of the bound: every byte in flight is a member buffer the pool cannot reuse,
-    and a consumer that waits for a large batch keeps tens of MiB in flight, so the
-    producer writes into memory that has left the CPU cache (measured: a quarter of 64
-    MiB cost a fifth of the throughput).
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.low = max(1, min(max_bytes // 4, _QUEUE_LOW))
-        self.items: collections.deque = collections.deque()
-        self.bytes = 0
-        self.peak_bytes = 0
-        self.cond = threading.Condition()
-        self.closed = False
-        self.done = False
-        self.blocked = False
-        self.started = False
-
-    def put(self, item: Any, size: int, last: bool = False) -> bool:
-        with self.cond:
-            while self.bytes and self.bytes + size > self.max_bytes and not self.closed:
-                self.blocked = True
-                self.cond.notify_all()
-                self.cond.wait()
-            self.blocked = False
-            if self.closed:
-                return False
-            self.items.append((item, size))
-            self.bytes += size
-            self.peak_bytes = max(self.peak_bytes, self.bytes)
-            self.done = self.done or last
-            if self.bytes >= self.low or last or not self.started:
-                self.cond.notify_all()
-            return True
-
-    def take(self) -> list[tuple[Any, int]]:
-        """Everything queued, once there is enough; release each item's size when done."""
-        with self.cond:
-            while not self.items or not (self.bytes >= self.low or self.done or self.blocked
-                                         or not self.started):
-                self.cond.wait()
-            self.started = True
-            out = list(self.items)
-            self.items.clear()
-            return out
-
-    def release(self, size: int) -> None:
-        with self.cond:
-            self.bytes -= size
-            if self.blocked:
-                self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.items.clear()
-            self.bytes = 0
-            self.cond.notify_all()
-
-
-_END = object()
 
 
 # ------------------------------------------------------------------------------- reader
@@ -915,6 +564,8 @@ class ShardReader(IterableDataset):
         guard: optional per-sample function (e.g. :meth:`LengthGuard.apply`) run while
             reading; a None result counts as a skipped sample and its slot is filled.
         allow_pipe: allow ``pipe:`` sources, which run a command.
+        allow_outside: accept manifest shard URLs outside the set's folder (absolute paths,
+            other hosts, ``../``): only for a manifest you trust.
 
     Raises :class:`SourceError` (a ``ValueError``) when the source cannot be opened: pipe
     not allowed, manifest unreadable or not a manifest; nothing there is its subclass
@@ -927,7 +578,7 @@ class ShardReader(IterableDataset):
                  remainder: Remainder = "drop", fields: Sequence[str] | None = None,
                  on_error: OnError = "raise", verify: bool = False, prefetch_bytes: int = 64 << 20,
                  guard: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
-                 allow_pipe: bool = False):
+                 allow_pipe: bool = False, allow_outside: bool = False):
         problems = []
         if isinstance(stages, str) or not stages:
             problems.append(f"stages must be a non-empty list of names, got {stages!r}")
@@ -951,7 +602,7 @@ class ShardReader(IterableDataset):
             raise ValueError("ShardReader: " + "; ".join(problems))
         self.source = os.fspath(source)
         self.allow_pipe = allow_pipe
-        where, self.manifest = open_manifest(self.source, allow_pipe=allow_pipe)
+        where, self.manifest = open_manifest(self.source, allow_pipe=allow_pipe, allow_outside=allow_outside)
         self.manifest_url = manifest_url = where.url
         self.stages = list(stages)
         plans, start = [], 0
@@ -961,7 +612,7 @@ class ShardReader(IterableDataset):
             for shard in info.shards:
                 total += shard.samples
                 ends.append(total)
-            plans.append(_StagePlan(name=name, start=start, shards=tuple(info.shards),
+            plans.append(StagePlan(name=name, start=start, shards=tuple(info.shards),
                                     urls=tuple(where.resolve(s.url) for s in info.shards), ends=tuple(ends)))
             start += total
         self._plans = tuple(plans)
@@ -1007,38 +658,8 @@ class ShardReader(IterableDataset):
         (file order within a window on streams, output order elsewhere)."""
         order, sl = self.order(epoch), self.rank_slice()
         r = self.rank if rank is None else rank
-        ranges: list[ReadRange] = []
-        for group in self._groups(order, sl, r, worker_indices(sl.per_rank, 0, self.batch_size,
-                                                                worker, num_workers)):
-            indices = [index for _, index in group]
-            if self.shuffle == "window" and not self._local:
-                indices.sort()
-            for index in indices:
-                s, j, i = _locate(self._plans, index)
-                plan = self._plans[s]
-                last = ranges[-1] if ranges else None
-                if last and last.url == plan.urls[j] and last.first + last.count == i:
-                    ranges[-1] = ReadRange(last.stage, last.url, last.first, last.count + 1)
-                else:
-                    ranges.append(ReadRange(plan.name, plan.urls[j], i, 1))
-        return ranges
-
-    def _groups(self, order: EpochOrder, sl: RankSlice, rank: int,
-                indices: Iterable[int]) -> Iterator[list[tuple[int, int]]]:
-        """(local index, sample) in output order, grouped by window (window shuffle) or one
-        by one (the other modes read in output order)."""
-        group: list[tuple[int, int]] = []
-        current = None
-        for i in indices:
-            position = sl.position(rank, i)
-            g = order.group(position) if self.shuffle == "window" else None
-            if group and (g != current or self.shuffle != "window"):
-                yield group
-                group = []
-            current = g
-            group.append((i, order.sample(position)))
-        if group:
-            yield group
+        groups = read_groups(order, sl, r, worker_indices(sl.per_rank, 0, self.batch_size, worker, num_workers))
+        return read_ranges(self._plans, groups, file_order=self.shuffle == "window" and not self._local)
 
     # -- epochs and state ------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -1118,7 +739,7 @@ class ShardReader(IterableDataset):
         sl = self.rank_slice(resume.start)
         indices = worker_indices(sl.per_rank, resume.offset, self.batch_size, worker, num_workers, skip)
         self._progress = {"worker": worker, "num_workers": num_workers, "yielded": skip}
-        groups = self._groups(self.order(), sl, self.rank, indices)
+        groups = read_groups(self.order(), sl, self.rank, indices)
         return self._deliver(groups)
 
     def _produce(self, groups: Iterable[list[tuple[int, int]]], ctx: _ReadContext) -> Iterator[Any]:
@@ -1155,12 +776,12 @@ class ShardReader(IterableDataset):
     def _deliver(self, groups: Iterable[list[tuple[int, int]]]) -> Iterator[dict[str, Any]]:
         ctx = _ReadContext(fields=self.fields, required=self.required, verify=self.verify,
                            allow_pipe=self.allow_pipe, on_error=self.on_error, stats=self._stats,
-                           pool=_BufferPool(self.prefetch_bytes + (32 << 20)))
+                           pool=BufferPool(self.prefetch_bytes + (32 << 20)))
         produced = self._produce(groups, ctx)
         queue = None
         if self.prefetch_bytes:
-            queue = _BytesQueue(self.prefetch_bytes)
-            items: Iterator[Any] = _threaded(produced, queue)
+            queue = BytesQueue(self.prefetch_bytes)
+            items: Iterator[Any] = threaded(produced, queue, _item_bytes)
         else:
             items = produced
         last_good: dict[str, Any] | None = None
@@ -1207,40 +828,9 @@ class _Skip:
     """``URL#index`` of the lost sample, or ``URL#key``."""
 
 
-def _threaded(produced: Iterator[Any], queue: _BytesQueue) -> Iterator[Any]:
-    """Drive the producer in a background thread that reads ahead into a bytes-bounded queue."""
-    def run() -> None:
-        try:
-            for item in produced:
-                size = 1024 if isinstance(item, _Skip) else _nbytes(item)
-                if not queue.put(item, size):
-                    return  # the consumer stopped
-                del item  # not held while the next sample is read: its buffers may be reused
-            queue.put(_END, 0, last=True)
-        except BaseException as exc:  # handed to the consumer and raised there
-            queue.put(exc, 0, last=True)
-        finally:
-            produced.close()  # in this thread, which runs it: closes the open shard
-
-    thread = threading.Thread(target=run, name="ShardReader-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            batch = collections.deque(queue.take())
-            while batch:
-                # popped, not iterated: a sample the consumer dropped must not stay referenced
-                # here, or the pool cannot reuse its buffers while the batch lasts
-                item, size = batch.popleft()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                del item
-                queue.release(size)
-    finally:
-        queue.close()
-        thread.join()
+def _item_bytes(item: Any) -> int:
+    """What a produced item weighs in the prefetch queue's bound."""
+    return 1024 if isinstance(item, _Skip) else sample_nbytes(item)
 
 
 # --------------------------------------------------------------------- loader state
@@ -1249,11 +839,11 @@ def _reader_states(state: dict[str, Any]) -> list[dict[str, Any]]:
     """The reader states inside a reader or StatefulDataLoader state, one per worker."""
     if state.get("format") == STATE_FORMAT:
         return [state]
-    if "_snapshot" in state:  # multi-process StatefulDataLoader
-        workers = state["_snapshot"]["_worker_snapshots"]
-        out = [workers[k].get("dataset_state") for k in sorted(workers, key=lambda k: int(k.split("_")[-1]))]
+    if LOADER_SNAPSHOT in state:  # multi-process StatefulDataLoader: worker_0, worker_1, ...
+        workers = state[LOADER_SNAPSHOT][LOADER_WORKER_SNAPSHOTS]
+        out = [workers[k].get(LOADER_DATASET_STATE) for k in sorted(workers, key=lambda k: int(k.split("_")[-1]))]
     else:
-        out = [state.get("dataset_state")]
+        out = [state.get(LOADER_DATASET_STATE)]
     if not out or any(not isinstance(s, dict) or s.get("format") != STATE_FORMAT for s in out):
         raise ValueError("not a ShardReader state nor a StatefulDataLoader state over a ShardReader")
     return out
@@ -1282,7 +872,7 @@ def reader_state_from_loader(state: dict[str, Any]) -> dict[str, Any]:
         if -(-y // b) != expected_chunks:
             raise ValueError("worker positions are not a prefix of the rank's sequence "
                              "(was the loader created with in_order=False?)")
-    total = sum(yielded) + state.get("_steps_since_snapshot", 0) * b
+    total = sum(yielded) + state.get(LOADER_STEPS_SINCE_SNAPSHOT, 0) * b
     stats = ReaderStats()
     for s in states:
         stats.add(ReaderStats.from_dict(s.get("stats", {})))

@@ -19,13 +19,24 @@ What is handled: ustar and GNU headers, POSIX ``prefix`` names, GNU ``L`` long n
 base-256 sizes. Every header checksum is checked. A file that ends inside a header or a
 member, or without the end-of-archive block, raises :class:`TruncatedTarError`; anything
 else malformed raises :class:`TarError`; both name the URL and the byte offset.
+
+Around the parser, the rules every reader of a shard shares (the streaming reader, ``vlmr
+inspect``, the webdataset stage): :func:`split_name` (which sample and member a name is),
+:func:`decode_npy` (an ``.npy`` member as an array, never unpickled), :class:`ShardError` (a
+shard that is not what its manifest says), and :func:`scan_tar`, which walks a damaged tar to
+its end: it reports each damaged header and resynchronises at the next valid one.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import math
 import os
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Iterator
+
+import numpy as np
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -45,6 +56,97 @@ class TarError(ValueError):
 
 class TruncatedTarError(TarError):
     """The file ends inside a header or a member, or before the end-of-archive block."""
+
+
+class ShardError(ValueError):
+    """A shard cannot be read as the manifest says; names the URL, and the key/member or offset.
+
+    ``reason`` is a short label (counted by the reader's statistics); ``whole_shard`` says that
+    the rest of the shard is lost (a broken structure), not only one sample."""
+
+    def __init__(self, url: str, message: str, *, key: str | None = None, member: str | None = None,
+                 offset: int | None = None, reason: str = "error", whole_shard: bool = False):
+        where = [url]
+        if key is not None:
+            where.append(f"key {key!r}")
+        if member is not None:
+            where.append(f"member {member!r}")
+        if offset is not None:
+            where.append(f"byte {offset}")
+        super().__init__(f"{', '.join(where)}: {message}")
+        self.url, self.key, self.member, self.offset = url, key, member, offset
+        self.reason = reason
+        self.whole_shard = whole_shard
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(key, suffix) of a member name, by WebDataset's rule: the key ends at the first dot
+    after the last slash (``a/b.c.feat.npy`` -> ``a/b``, ``c.feat.npy``)."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why a member name would escape the folder a plain ``tar x`` extracts into (an absolute
+    path, a ``..`` component), or None when it is safe."""
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "a '..' component"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran order, element count) of an .npy header: a Python literal,
+    never unpickled.
+
+    Cached: a shard repeats the same few headers, and parsing one costs more than reading
+    a megabyte."""
+    meta = ast.literal_eval(header.decode("latin1"))
+    dtype = np.dtype(meta["descr"])
+    shape = tuple(int(d) for d in meta["shape"])
+    if any(d < 0 for d in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    return dtype, shape, bool(meta["fortran_order"]), math.prod(shape)
+
+
+def decode_npy(buf, what: str) -> np.ndarray:
+    """The array of an ``.npy`` file held in ``buf`` (a uint8 array, or bytes), no copy: a
+    view of ``buf`` (writable when ``buf`` is; byte-swapped copies for non-native order).
+
+    Object arrays are refused (they need pickle, which shards never use); the header is read
+    with ``ast.literal_eval``, and the data length must match the shape exactly."""
+    if not isinstance(buf, np.ndarray):
+        buf = np.frombuffer(buf, dtype=np.uint8)
+    raw = buf.data
+    head = raw[:12].tobytes()
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        raise ValueError(f"{what}: not an .npy file (bad magic)")
+    major = head[6]
+    if major == 1:
+        hlen, start = head[8] | head[9] << 8, 10
+    elif major in (2, 3):
+        hlen, start = int.from_bytes(head[8:12], "little"), 12
+    else:
+        raise ValueError(f"{what}: unknown .npy version {major}")
+    try:
+        dtype, shape, fortran, count = _npy_header(raw[start:start + hlen].tobytes())
+    except KeyError as exc:
+        raise ValueError(f"{what}: unreadable .npy header: no {exc} entry") from None
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        raise ValueError(f"{what}: unreadable .npy header: {exc}") from None
+    if dtype.hasobject:
+        raise ValueError(f"{what}: object arrays need pickle, which shards never use")
+    offset = start + hlen
+    if len(buf) - offset != count * dtype.itemsize:
+        raise ValueError(f"{what}: .npy data holds {len(buf) - offset} bytes, "
+                         f"shape {shape} of {dtype} needs {count * dtype.itemsize}")
+    array = buf[offset:].view(dtype).reshape(shape, order="F" if fortran else "C")
+    if not dtype.isnative:
+        array = array.astype(dtype.newbyteorder("="))
+    return array
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,3 +410,125 @@ def file_size(fileobj) -> int | None:
         return os.fstat(fileobj.fileno()).st_size
     except (AttributeError, OSError, ValueError):
         return None
+
+
+# ------------------------------------------------------------------ walking a damaged tar
+
+@dataclass
+class ScannedMember:
+    name: str
+    offset: int
+    """Byte offset of the member's (first) header in the tar."""
+    size: int
+    data: bytes | None
+    """The member's bytes, or None when the caller did not ask for them."""
+
+
+@dataclass
+class TarDamage:
+    kind: str
+    """``truncated`` or ``bad_header``."""
+    offset: int
+    message: str
+    """What happened and what the scan did about it."""
+    reason: str = ""
+    """What happened only (for callers that stop at the damage)."""
+
+
+def _is_header(block: bytes) -> bool:
+    """Whether a 512-byte block is a ustar header with a correct checksum (a resync point)."""
+    if block[257:262] != b"ustar":
+        return False
+    try:
+        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(block[:148]) + 8 * 32 + sum(block[156:])
+
+
+class _Pushback:
+    """A forward-only stream with bytes put back in front (the header found by a resync)."""
+
+    def __init__(self, f: BinaryIO, pending: bytes):
+        self._f = f
+        self._pending = memoryview(pending)
+
+    def seekable(self) -> bool:
+        return False
+
+    def readinto(self, buf) -> int:
+        if self._pending:
+            n = min(len(buf), len(self._pending))
+            memoryview(buf).cast("B")[:n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            return n
+        return self._f.readinto(buf)
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        return bytes(buf[: self.readinto(buf)])
+
+
+def _read_up_to(f: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes, fewer only at the end of the stream."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = f.readinto(view[got:])
+        if not k:
+            break
+        got += k
+    return bytes(buf[:got])
+
+
+def scan_tar(f: BinaryIO, url: str, want: Callable[[str], bool] = lambda name: True, *,
+             seekable: bool = False, size: int | None = None) -> Iterator[ScannedMember | TarDamage]:
+    """Members of a tar stream in order (via :class:`TarReader`), and its damage.
+
+    ``want(name)`` says whether to read a member's bytes (otherwise ``data`` is None and the
+    bytes are skipped, by seek when ``seekable``). On a damaged header, yields one
+    :class:`TarDamage` and resumes at the next block that is a valid ustar header (the
+    members in between are lost, and reported as lost); a stream that ends inside a member
+    or without the end-of-archive block yields a ``truncated`` damage and stops. ``size``, the
+    file's length when known, lets a skipped member cut by truncation be named.
+    """
+    reader = TarReader(f, url, offset=0, seekable=seekable, size=size)
+    while True:
+        try:
+            member = reader.next()
+            if member is None:
+                return
+            data = reader.read(member) if want(member.name) else None
+        except TruncatedTarError as exc:
+            yield TarDamage("truncated", exc.offset, exc.reason, exc.reason)
+            return
+        except TarError as exc:
+            bad_at, position = exc.offset, reader.position
+            aligned = bad_at + (position - bad_at + BLOCK - 1) // BLOCK * BLOCK
+            raw = f if seekable else reader.fileobj
+            if seekable:
+                f.seek(aligned)
+            elif aligned > position:
+                _read_up_to(raw, aligned - position)
+            position = aligned
+            while True:  # resynchronise: the next block that is a valid ustar header
+                block = _read_up_to(raw, BLOCK)
+                if len(block) < BLOCK:
+                    yield TarDamage("bad_header", bad_at,
+                                    f"{exc.reason} at byte {bad_at}; no valid header after it (end of file at "
+                                    f"byte {position + len(block)}): the rest of the shard is lost", exc.reason)
+                    return
+                if _is_header(block):
+                    break
+                position += BLOCK
+            yield TarDamage("bad_header", bad_at,
+                            f"{exc.reason} at byte {bad_at}; resumed at the next valid header at byte {position} "
+                            f"({position - bad_at} bytes in between are lost)", exc.reason)
+            if seekable:
+                f.seek(position)
+                reader = TarReader(f, url, offset=position, seekable=True, size=size)
+            else:
+                reader = TarReader(_Pushback(raw, block), url, offset=position, seekable=False)
+            continue
+        yield ScannedMember(name=member.name, offset=member.offset, size=member.size, data=data)

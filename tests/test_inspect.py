@@ -313,7 +313,7 @@ def test_verify_flipped_byte_in_feature_data_and_in_npy_header(copy_of, capsys):
     assert code == 1
     assert kinds(problems) == {"sha256", "decode"}
     decode = next(p for p in problems if p["kind"] == "decode")
-    assert decode["key"] == "k0009" and "without pickle" in decode["message"]
+    assert decode["key"] == "k0009" and "unreadable .npy header" in decode["message"]
 
 
 def test_verify_flipped_byte_in_a_header_resyncs_and_reports_every_problem(copy_of, capsys):
@@ -382,6 +382,25 @@ def test_verify_non_contiguous_key_and_duplicates(tmp_path, capsys):
     assert ("non_contiguous", "a") in found
     assert ("missing_member", "a") in found  # each part of `a` lacks what the other part holds
     assert "no failures.jsonl" not in out  # failures: 0 and no file is fine
+
+
+def test_verify_flags_member_names_that_leave_the_folder(tmp_path, capsys):
+    def members(key, tokens):
+        sample = make_sample(tokens, tokens, "easy")
+        return [(f"{key}.{suffix}", pack.encode_member(suffix, sample[suffix]))
+                for suffix in ("json", "feat.npy", "clips.npy", "thumb.jpg")]
+    escaping = members("../up", 1) + members("/abs/x", 2) + members("fine/a..b", 3)
+    info = write_tar(tmp_path / "easy-000000.tar", escaping)
+    manifest = schema.Manifest(settings={"command": "build-shards", "clips": 3}, samples=3, failures=0,
+                               stages=[schema.StageInfo("easy", [info])])
+    manifest.save(tmp_path)
+    code, problems, _ = problems_of(tmp_path, capsys)
+    assert code == 1
+    unsafe = [p for p in problems if p["kind"] == "unsafe_name"]
+    assert len(unsafe) == 8  # every member of the first two samples; "a..b" is a plain name
+    assert "'../up.json' is a '..' component" in unsafe[0]["message"]
+    assert "'/abs/x.json' is an absolute path" in unsafe[4]["message"]
+    assert all(p["offset"] is not None for p in unsafe)
 
 
 def test_verify_reports_problems_in_many_shards_and_set_level(copy_of, capsys):

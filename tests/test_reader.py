@@ -25,8 +25,9 @@ import torch
 
 from dataengine import schema
 from dataengine.pack import ShardWriter, encode_json, encode_npy
-from dataengine.reader import (EpochOrder, LengthGuard, RankSlice, ShardError, ShardReader, SourceError,
-                               reader_state_from_loader, stats_from_loader, worker_indices)
+from dataengine.plan import EpochOrder, RankSlice, worker_indices
+from dataengine.reader import (LengthGuard, ShardError, ShardReader, SourceError, reader_state_from_loader,
+                               stats_from_loader)
 from dataengine.schema import Manifest
 from dataengine.tario import TarError, TarReader, TruncatedTarError
 
@@ -530,7 +531,8 @@ def test_prefetch_is_bounded_in_bytes_and_memory_does_not_grow_with_the_run(tmp_
 
     def peak(source, prefetch):
         tracemalloc.start()
-        reader = ShardReader(source, stages=["easy"], shuffle="window", window=8, prefetch_bytes=prefetch)
+        reader = ShardReader(source, stages=["easy"], shuffle="window", window=8, prefetch_bytes=prefetch,
+                             allow_outside=True)  # "ten" lists the tars of "big" by absolute path
         n = sum(1 for _ in reader)
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
@@ -697,15 +699,16 @@ def test_bad_sources_raise_source_errors_as_inspect_does(shards, tmp_path):
 
 
 def test_decode_npy_without_pickle():
-    from dataengine.reader import decode_npy
+    from dataengine.tario import decode_npy
 
     def npy(array) -> np.ndarray:
         return np.frombuffer(bytearray(encode_npy(array)), dtype=np.uint8)
 
     for array in (np.arange(6, dtype=">f4").reshape(2, 3), np.asfortranarray(np.arange(6).reshape(2, 3)),
                   np.zeros((0, 4), np.float16)):
-        tensor = decode_npy(npy(array), "x")
-        assert tensor.shape == array.shape and (tensor.numpy() == array).all()
+        decoded = decode_npy(npy(array), "x")
+        assert decoded.shape == array.shape and (decoded == array).all() and decoded.dtype.isnative
+        assert (decode_npy(encode_npy(array), "x") == array).all()  # from bytes too (read-only view)
     header = b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
     header += b" " * (118 - len(header)) + b"\n"
     data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x80\x04N."
@@ -728,20 +731,65 @@ def test_plan_arithmetic():
     assert list(worker_indices(7, 2, 2, 1, 2, skip=1)) == [5]
 
 
-def test_buffer_pool_reuses_the_most_recently_freed_buffer_and_never_a_held_one():
-    from dataengine.reader import _BufferPool
+def test_buffer_pool_reuses_a_block_only_once_nothing_can_see_it():
+    import gc
 
-    pool = _BufferPool(max_bytes=1 << 20)
+    from dataengine.prefetch import BufferPool
+
+    pool = BufferPool(max_bytes=3000)
     a, b, c = pool.get(1000), pool.get(1000), pool.get(1000)
-    assert len({id(a), id(b), id(c)}) == 3
-    view = torch.from_numpy(b[10:])  # a tensor over b keeps b in use
-    a_id, c_id = id(a), id(c)
-    del a, c
+    assert len({x.ctypes.data for x in (a, b, c)}) == 3 and pool.leased == 3
+    a_at, b_at, c_at = a.ctypes.data, b.ctypes.data, c.ctypes.data
+    tensor = torch.from_numpy(b[10:].view(np.float16)[2:])  # a view of a view of b keeps b leased
+    view_of_c = c[100:200]
+    del a, b, c
+    gc.collect()
+    assert pool.leased == 2  # a came back; b (the tensor) and c (the view) did not
     got = pool.get(1000)
-    assert id(got) == c_id  # of the free ones, the last handed out (warmest in the cache)
+    assert got.ctypes.data == a_at and pool.reused == 1
+    del view_of_c
+    gc.collect()
     again = pool.get(1000)
-    assert id(again) == a_id
-    fresh = pool.get(1000)  # c and a are held again, b by the tensor: a new buffer
-    assert id(fresh) not in (id(b), a_id, c_id)
-    assert pool.reused == 2
-    assert view.data_ptr() == b[10:].ctypes.data
+    assert again.ctypes.data == c_at  # the last freed first
+    over = pool.get(1000)  # the pool holds 3000 bytes, all leased: a plain allocation
+    assert over.ctypes.data not in (a_at, b_at, c_at) and pool.leased == 3
+    got[:] = 7
+    assert tensor.data_ptr() == b_at + 14 and not (tensor.numpy().view(np.uint8) == 7).all()
+    del tensor
+    gc.collect()
+    assert pool.get(1000).ctypes.data == b_at  # the tensor and both views gone: b is free
+
+
+def test_torchdata_state_keys_the_reader_reads_are_the_pinned_torchdata_ones(shards):
+    """The reader finds its workers' states inside a StatefulDataLoader state by keys that are
+    private to torchdata; if an upgrade renames them, this fails and names the key."""
+    import importlib.metadata
+    import re
+
+    from torchdata.stateful_dataloader import StatefulDataLoader, incremental_state, stateful_dataloader
+
+    from dataengine import reader as r
+
+    pinned = re.search(r'"torchdata==([^"]+)"', (Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert pinned and importlib.metadata.version("torchdata") == pinned.group(1), \
+        "torchdata is not the pinned version: check the LOADER_* keys in dataengine/reader.py against it"
+    it = stateful_dataloader._StatefulMultiProcessingDataLoaderIter
+    assert (it._SNAPSHOT, it._WORKER_SNAPSHOTS, it._STEPS_SINCE_SNAPSHOT) == \
+        (r.LOADER_SNAPSHOT, r.LOADER_WORKER_SNAPSHOTS, r.LOADER_STEPS_SINCE_SNAPSHOT)
+    assert incremental_state._DATASET_STATE == r.LOADER_DATASET_STATE
+    for workers in (0, 2):  # and real states have that shape
+        loader = StatefulDataLoader(ShardReader(shards, stages=["easy"], batch_size=2), batch_size=2,
+                                    num_workers=workers, collate_fn=ids)
+        it_ = iter(loader)
+        next(it_)
+        state = loader.state_dict()
+        del it_
+        if workers:
+            snapshots = state[r.LOADER_SNAPSHOT][r.LOADER_WORKER_SNAPSHOTS]
+            assert sorted(snapshots) == ["worker_0", "worker_1"]  # the reader sorts by the number after "_"
+            inner = [snapshots[k][r.LOADER_DATASET_STATE] for k in sorted(snapshots)]
+            assert r.LOADER_STEPS_SINCE_SNAPSHOT in state
+        else:
+            inner = [state[r.LOADER_DATASET_STATE]]
+        assert all(s["format"] == r.STATE_FORMAT for s in inner)
+        assert r.reader_state_from_loader(state)["yielded"] == 2

@@ -26,8 +26,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from dataengine import inspection, report, schema
-from dataengine.inspection import ShardError, SourceError
+from dataengine import inspection, report, schema, verify
+from dataengine.sources import SourceError
+from dataengine.tario import ShardError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 COMMANDS = ("summary", "ls", "show", "head", "verify", "report")
@@ -326,26 +327,22 @@ def cmd_head(shard_set: inspection.ShardSet, args: argparse.Namespace) -> int:
         shard_set.manifest.stage(args.stage)
     if args.n == 0 or not stages or not sum(shard_set.manifest.stage(s).samples for s in stages):
         return EXIT_OK
-    from dataengine.reader import ShardError as ReaderShardError
     from dataengine.reader import ShardReader
 
     reader = ShardReader(shard_set.source, stages=stages, shuffle="none", prefetch_bytes=0)
     width = _width()
     if not args.json:
         print(f"{'#':>5}  {'stage':<6} {'key':<24} {'tokens':>6}  {'feat':<9} question → answer")
-    try:
-        for position, sample in enumerate(itertools.islice(reader, args.n)):  # never reads sample n+1
-            row = sample_row(position, sample)
-            if args.json:
-                print(json.dumps(row, ensure_ascii=False))
-                continue
-            feat = "x".join(str(d) for d in row["shapes"].get("feat", [])) or "-"
-            lead = f"{row['index']:>5}  {row['stage']:<6} {_clip(row['key'], 24):<24} {row['answer_tokens']!s:>6}  {feat:<9} "
-            qa = f"{row['question']} → {row['answer']}"
-            extra = f"  [+{', '.join(row['extra'])}]" if row["extra"] else ""
-            print(lead + _clip(qa, max(20, width - len(lead) - len(extra))) + extra)
-    except ReaderShardError as exc:
-        raise ShardError(str(exc)) from exc
+    for position, sample in enumerate(itertools.islice(reader, args.n)):  # never reads sample n+1
+        row = sample_row(position, sample)
+        if args.json:
+            print(json.dumps(row, ensure_ascii=False))
+            continue
+        feat = "x".join(str(d) for d in row["shapes"].get("feat", [])) or "-"
+        lead = f"{row['index']:>5}  {row['stage']:<6} {_clip(row['key'], 24):<24} {row['answer_tokens']!s:>6}  {feat:<9} "
+        qa = f"{row['question']} → {row['answer']}"
+        extra = f"  [+{', '.join(row['extra'])}]" if row["extra"] else ""
+        print(lead + _clip(qa, max(20, width - len(lead) - len(extra))) + extra)
     return EXIT_OK
 
 
@@ -369,12 +366,12 @@ def cmd_verify(shard_set: inspection.ShardSet, args: argparse.Namespace) -> int:
     bar = tqdm(total=shard_set.bytes, unit="B", unit_scale=True, desc="verify", disable=not show_bar,
                file=sys.stderr, leave=False)
 
-    def on_problem(problem: inspection.Problem) -> None:
+    def on_problem(problem: verify.Problem) -> None:
         if not args.json:
             bar.write(f"PROBLEM {problem.kind}: {problem}", file=sys.stdout)
 
     try:
-        result = inspection.verify(shard_set, on_problem=on_problem, progress=bar.update)
+        result = verify.verify(shard_set, on_problem=on_problem, progress=bar.update)
     finally:
         bar.close()
     if args.json:
