@@ -340,3 +340,27 @@ def test_the_chat_template_is_saved_with_the_model(real_lm, tmp_path):
     assert tok.decode(targets) == "A red circle moves left.<|im_end|>"
     with pytest.raises(ValueError, match="template"):
         ModelSettings(template="chatml")
+
+
+@pytest.mark.slow
+def test_a_saved_model_folder_is_byte_identical_across_runs(tmp_path):
+    """peft writes target_modules in hash order; two processes (two hash seeds) must still agree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import sys; from train.model import ModelSettings, VideoLMM; "
+              "VideoLMM.build(ModelSettings(lora_r=4, lora_alpha=4), seed=0).save(sys.argv[1])")
+    folders = []
+    for seed in ("1", "2"):
+        folder = tmp_path / f"run{seed}"
+        env = dict(os.environ, PYTHONHASHSEED=seed, OMP_NUM_THREADS="1")
+        subprocess.run([sys.executable, "-c", script, str(folder)], cwd=root, env=env, check=True,
+                       capture_output=True)
+        folders.append(folder)
+    names = sorted(p.name for p in folders[0].iterdir())
+    assert names == sorted(p.name for p in folders[1].iterdir()) and "adapter_config.json" in names
+    for name in names:
+        assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name

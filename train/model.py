@@ -294,6 +294,9 @@ class VideoLMM(nn.Module):
         state = state or self.trainable_state()
         self.lm.save_pretrained(str(folder), state_dict=state["adapter"], safe_serialization=True,
                                 save_embedding_layers=False)
+        sets = {key for config in self.lm.peft_config.values() for key, value in config.to_dict().items()
+                if isinstance(value, set)}
+        sort_adapter_config(folder / "adapter_config.json", sets)
         save_file(state["projector"], str(folder / PROJECTOR_FILE), metadata={"format": FORMAT})
         self.tokenizer.save_pretrained(str(folder))
         write_text_atomic(folder / MODEL_CONFIG, json.dumps(
@@ -458,6 +461,17 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
         # Keep the graph: every rank must run the same backward even on a batch without targets.
         total = shift_logits.sum() * 0.0
     return total, count
+
+
+def sort_adapter_config(path: Path, keys: set[str]) -> None:
+    """Sort the fields ``keys`` of peft's ``adapter_config.json``: peft holds them as sets
+    (``target_modules``) and writes them in hash order, which changes every run. Sorted, the
+    same model saved twice gives byte-identical folders. Rewritten as peft writes it."""
+    data = json.loads(path.read_text())
+    for key in keys:
+        if isinstance(data.get(key), list):
+            data[key] = sorted(data[key])
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def suppress_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
