@@ -142,19 +142,21 @@ def test_non_square_containers(wide_videos, container):
 
 
 def test_container_over_counts_frames(tmp_path):
-    # An mp4 with its index first (+faststart) cut at 60%: the index still promises 30 frames
-    # but only the first ones decode. The rule: resample over the frames proven to exist.
+    # An mp4 with its index first (+faststart) cut at 60%: the header still promises 30 frames
+    # but only the first packets can be read. The count is the packets read (both backends);
+    # if fewer frames decode than that, the rule is: resample over the frames proven to exist.
     whole = tmp_path / "whole.mp4"
     _ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x96:rate=10:duration=3,noise=alls=40:allf=t",
             "-c:v", "libx264", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(whole))
     cut = tmp_path / "cut.mp4"
     data = whole.read_bytes()
     cut.write_bytes(data[: int(len(data) * 0.6)])
-    assert probe(cut, backend="ffprobe").frames == probe(cut, backend="pyav").frames == 30
+    readable = probe(cut, backend="pyav").frames
+    assert probe(cut, backend="ffprobe").frames == readable < 30
     decodable = full_decode(cut, SIZE)
-    assert 2 <= len(decodable) < 30
+    assert 2 <= len(decodable) <= readable
     video = decode_video(cut, frames=12, clips=3, clip_frames=4, size=SIZE)
-    assert video.probed_frames == 30
+    assert video.probed_frames == readable
     assert 2 <= video.info.frames <= len(decodable)
     assert video.frames.shape == (12, SIZE, SIZE, 3) and video.clips.shape == (3, 4, SIZE, SIZE, 3)
     assert video.indices == uniform_indices(video.info.frames, 12)
