@@ -132,7 +132,7 @@ LOADER_STEPS_SINCE_SNAPSHOT = "_steps_since_snapshot"
 
 # Output names of the members the schema knows; any other member keeps its suffix.
 _OUTPUT_NAME = {schema.JSON: "json", schema.FEAT: "feat", schema.CLIPS: "clips"}
-_DEFAULT_REQUIRED = ("json", "feat")
+DEFAULT_REQUIRED = ("json", "feat")
 _HASH_CHUNK = 4 << 20
 _ERRORS_KEPT = 100
 
@@ -207,12 +207,21 @@ class ReaderStats:
 
 # ------------------------------------------------------------------------------ reading
 
+def shard_failure(url: str, exc: TarError | OSError) -> ShardError:
+    """A broken tar structure or an unreadable file as the ShardError that loses the rest of
+    the shard (``whole_shard``), naming the byte offset when the parser knows it."""
+    reason = ("truncated tar" if isinstance(exc, TruncatedTarError)
+              else "bad tar" if isinstance(exc, TarError) else "unreadable shard")
+    return ShardError(url, getattr(exc, "reason", str(exc)), offset=getattr(exc, "offset", None),
+                      reason=reason, whole_shard=True)
+
+
 class _Shard:
     """One open shard. Walks its samples in order, parsing each header once, and keeps an
     index of the members found (key, names, offsets), so that going back to a sample is a
     seek to its data, and skipping one is free once it has been walked."""
 
-    def __init__(self, url: str, info: ShardInfo, stage: str, ctx: "_ReadContext"):
+    def __init__(self, url: str, info: ShardInfo, stage: str, ctx: "ReadContext"):
         self.url, self.info, self.stage, self.ctx = url, info, stage, ctx
         self.starts: list[int] = [0]
         """Header offset of each sample walked so far, and of what follows the last one."""
@@ -301,46 +310,12 @@ class _Shard:
                 self.close()
             raise
         except (TarError, OSError) as exc:
-            reason = ("truncated tar" if isinstance(exc, TruncatedTarError)
-                      else "bad tar" if isinstance(exc, TarError) else "unreadable shard")
-            self.broken = ShardError(self.url, getattr(exc, "reason", str(exc)),
-                                     offset=getattr(exc, "offset", None), reason=reason, whole_shard=True)
+            self.broken = shard_failure(self.url, exc)
             self.close()
             raise self.broken from exc
         finally:
             self._account()
         return out
-
-    def _member(self, out: dict[str, Any], key: str, suffix: str, member: TarMember,
-                problem: ShardError | None) -> ShardError | None:
-        """Decode one member into ``out`` if wanted; returns the sample's first problem."""
-        kind = self.ctx.kind(suffix) if problem is None else None
-        if kind is None:
-            self.ctx.stats.members_skipped += 1
-            return problem
-        try:
-            assert self.tar is not None
-            self.tar.goto_data(member)
-            out[kind[0]] = self._decode(member, kind[1])
-            self.ctx.stats.members_decoded += 1
-            return None
-        except ValueError as exc:
-            if isinstance(exc, TarError):
-                raise
-            return ShardError(self.url, str(exc), key=key, member=member.name,
-                              offset=member.data_offset, reason="bad member")
-
-    def _check(self, key: str, suffixes: list[str], problem: ShardError | None) -> None:
-        if problem is None and len(set(suffixes)) != len(suffixes):
-            problem = ShardError(self.url, f"a member appears twice in one sample ({', '.join(suffixes)})",
-                                 key=key, reason="duplicate member")
-        if problem is not None:
-            raise problem
-        missing = self.ctx.missing(suffixes)
-        if missing:
-            raise ShardError(self.url, f"sample has no member for field(s) {', '.join(missing)} "
-                                       f"(members: {', '.join(sorted(suffixes))})", key=key,
-                             reason="missing member")
 
     def _read_known(self, i: int) -> dict[str, Any]:
         """Sample ``i``, already walked: seek to each wanted member's data, no header parsing."""
@@ -351,10 +326,10 @@ class _Shard:
         out: dict[str, Any] = {"key": key, "stage": self.stage, "shard": self.url}
         problem = None
         for suffix, member in members:
-            problem = self._member(out, key, suffix, member, problem)
+            problem = self.ctx.member(self.tar, self.url, out, key, suffix, member, problem)
         self.at = None
         self.peeked = None
-        self._check(key, [suffix for suffix, _ in members], problem)
+        self.ctx.check(self.url, key, [suffix for suffix, _ in members], problem)
         return out
 
     def _walk(self, i: int, decode: bool) -> dict[str, Any] | None:
@@ -380,7 +355,7 @@ class _Shard:
         while True:
             members.append((suffix, member))
             if decode:
-                problem = self._member(out, key, suffix, member, problem)
+                problem = self.ctx.member(self.tar, self.url, out, key, suffix, member, problem)
             else:
                 self.ctx.stats.members_skipped += 1
             member = tar.next()
@@ -410,34 +385,16 @@ class _Shard:
                 self.ctx.note(extra)
         if not decode:
             return None
-        self._check(key, [s for s, _ in members], problem)
+        self.ctx.check(self.url, key, [s for s, _ in members], problem)
         return out
-
-    def _decode(self, member: TarMember, how: str) -> Any:
-        assert self.tar is not None
-        if how == "npy":  # one read straight into the buffer the tensor keeps
-            buf = self.ctx.pool.get(member.size)
-            self.tar.readinto(member, buf)
-            array = decode_npy(buf, f"{self.url}: {member.name}")
-            try:
-                return torch.from_numpy(array)
-            except TypeError as exc:  # a dtype torch has no type for
-                raise ValueError(f"{self.url}: {member.name}: {exc}") from None
-        data = self.tar.read(member)
-        if how == "json":
-            try:
-                value = json.loads(data)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"{self.url}: {member.name}: invalid json: {exc}") from None
-            if not isinstance(value, dict):
-                raise ValueError(f"{self.url}: {member.name}: json is a {type(value).__name__}, "
-                                 "expected an object")
-            return value
-        return data
 
 
 @dataclass
-class _ReadContext:
+class ReadContext:
+    """Everything a read needs besides the shard: which members to decode and how, the rules a
+    sample must meet, where to count, the buffer pool. Shared by the reader and the
+    webdataset stage (:mod:`dataengine.wds_stage`)."""
+
     fields: tuple[str, ...] | None
     required: tuple[str, ...]
     verify: bool
@@ -471,6 +428,58 @@ class _ReadContext:
             self._missing[key] = out
             return out
 
+    def member(self, tar: TarReader, url: str, out: dict[str, Any], key: str, suffix: str,
+               member: TarMember, problem: ShardError | None) -> ShardError | None:
+        """Decode one member into ``out`` if wanted; returns the sample's first problem."""
+        kind = self.kind(suffix) if problem is None else None
+        if kind is None:
+            self.stats.members_skipped += 1
+            return problem
+        try:
+            tar.goto_data(member)
+            out[kind[0]] = self._decode(tar, url, member, kind[1])
+            self.stats.members_decoded += 1
+            return None
+        except ValueError as exc:
+            if isinstance(exc, TarError):
+                raise
+            return ShardError(url, str(exc), key=key, member=member.name,
+                              offset=member.data_offset, reason="bad member")
+
+    def check(self, url: str, key: str, suffixes: list[str], problem: ShardError | None) -> None:
+        """Raise the sample's problem: the first bad member, a member twice, a field missing."""
+        if problem is None and len(set(suffixes)) != len(suffixes):
+            problem = ShardError(url, f"a member appears twice in one sample ({', '.join(suffixes)})",
+                                 key=key, reason="duplicate member")
+        if problem is not None:
+            raise problem
+        missing = self.missing(suffixes)
+        if missing:
+            raise ShardError(url, f"sample has no member for field(s) {', '.join(missing)} "
+                                  f"(members: {', '.join(sorted(suffixes))})", key=key,
+                             reason="missing member")
+
+    def _decode(self, tar: TarReader, url: str, member: TarMember, how: str) -> Any:
+        if how == "npy":  # one read straight into the buffer the tensor keeps
+            buf = self.pool.get(member.size)
+            tar.readinto(member, buf)
+            array = decode_npy(buf, f"{url}: {member.name}")
+            try:
+                return torch.from_numpy(array)
+            except TypeError as exc:  # a dtype torch has no type for
+                raise ValueError(f"{url}: {member.name}: {exc}") from None
+        data = tar.read(member)
+        if how == "json":
+            try:
+                value = json.loads(data)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{url}: {member.name}: invalid json: {exc}") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"{url}: {member.name}: json is a {type(value).__name__}, "
+                                 "expected an object")
+            return value
+        return data
+
     def note(self, exc: ShardError) -> None:
         log.warning("skipped: %s", exc)
         if len(self.stats.errors) < _ERRORS_KEPT:
@@ -483,7 +492,7 @@ class _Fetcher:
 
     _KEEP = 4
 
-    def __init__(self, stages: Sequence[StagePlan], ctx: _ReadContext):
+    def __init__(self, stages: Sequence[StagePlan], ctx: ReadContext):
         self.stages = stages
         self.ctx = ctx
         self._shards: collections.OrderedDict[tuple[int, int], _Shard] = collections.OrderedDict()
@@ -624,7 +633,7 @@ class ShardReader(IterableDataset):
         self.shuffle, self.window, self.neighbourhood = shuffle, window, neighbourhood
         self.seed, self.epoch, self.remainder = seed, epoch, remainder
         self.fields = None if fields is None else tuple(fields)
-        self.required = _DEFAULT_REQUIRED if fields is None else self.fields
+        self.required = DEFAULT_REQUIRED if fields is None else self.fields
         self.on_error, self.verify = on_error, verify
         self.prefetch_bytes = prefetch_bytes
         self.guard = guard
@@ -742,7 +751,7 @@ class ShardReader(IterableDataset):
         groups = read_groups(self.order(), sl, self.rank, indices)
         return self._deliver(groups)
 
-    def _produce(self, groups: Iterable[list[tuple[int, int]]], ctx: _ReadContext) -> Iterator[Any]:
+    def _produce(self, groups: Iterable[list[tuple[int, int]]], ctx: ReadContext) -> Iterator[Any]:
         """Read every group in file order; yield its samples (a :class:`_Skip` for a lost one)
         in output order. Runs in the prefetch thread, or in the consumer's."""
         fetcher = _Fetcher(self._plans, ctx)
@@ -774,7 +783,7 @@ class ShardReader(IterableDataset):
             fetcher.close()
 
     def _deliver(self, groups: Iterable[list[tuple[int, int]]]) -> Iterator[dict[str, Any]]:
-        ctx = _ReadContext(fields=self.fields, required=self.required, verify=self.verify,
+        ctx = ReadContext(fields=self.fields, required=self.required, verify=self.verify,
                            allow_pipe=self.allow_pipe, on_error=self.on_error, stats=self._stats,
                            pool=BufferPool(self.prefetch_bytes + (32 << 20)))
         produced = self._produce(groups, ctx)

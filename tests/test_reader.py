@@ -793,3 +793,63 @@ def test_torchdata_state_keys_the_reader_reads_are_the_pinned_torchdata_ones(sha
             inner = [state[r.LOADER_DATASET_STATE]]
         assert all(s["format"] == r.STATE_FORMAT for s in inner)
         assert r.reader_state_from_loader(state)["yielded"] == 2
+
+
+# ------------------------------------------------------------------ webdataset pipeline stage
+
+def test_decoded_samples_is_a_webdataset_pipeline_stage(shards):
+    import webdataset as wds
+
+    from dataengine.wds_stage import decoded_samples
+
+    manifest = Manifest.load(shards)
+    urls = [str(shards / s.url) for st in manifest.stages for s in st.shards]
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), decoded_samples(fields=("json", "feat")),
+                                wds.map(lambda s: (s["__key__"], s["json"]["id"], s["feat"])),
+                                wds.batched(7, collation_fn=list))
+    batches = list(pipeline)
+    got = [item for batch in batches for item in batch]
+    assert [len(b) for b in batches][:-1] == [7] * (len(batches) - 1)
+    assert [i for _, i, _ in got] == list(range(60))  # every sample, in file order
+    assert got[5][0] == "k00005" and got[5][2].dtype == torch.float16 and got[5][2].shape == (FEAT_ROWS, DIM)
+    assert all((feat == i).all() for _, i, feat in got)
+    # the same samples as the reader hands out, and as webdataset's own decoder sees them
+    reader = ShardReader(shards, stages=["easy", "hard"], shuffle="none", fields=("json", "feat"))
+    assert [s["key"] for s in reader] == [k for k, _, _ in got]
+    theirs = wds.DataPipeline(wds.SimpleShardList(urls[:1]), wds.tarfile_to_samples(), wds.decode())
+    assert [s["__key__"] for s in theirs] == [k for k, _, _ in got[:8]]
+    # every member by default
+    everything = next(iter(wds.DataPipeline(wds.SimpleShardList(urls[:1]), decoded_samples())))
+    assert set(everything) == {"__key__", "__url__", "json", "feat", "clips", "thumb.jpg"}
+    assert everything["__url__"] == urls[0] and everything["clips"].shape == (2, 3, DIM)
+
+
+def test_decoded_samples_errors_follow_the_webdataset_handler(tmp_path):
+    import webdataset as wds
+
+    from dataengine.wds_stage import decoded_samples
+
+    folder = write_set(tmp_path / "set", [("easy", 12, 4)])
+    tars = sorted(folder.glob("easy-*.tar"))
+    # shard 0: sample k00001's feat is not an npy; shard 1: cut in the middle
+    with tarfile.open(tars[0]) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tars[0], "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            data = b"not an npy" if m.name == "k00001.feat.npy" else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    data = tars[1].read_bytes()
+    tars[1].write_bytes(data[:len(data) // 2])
+    urls = [str(t) for t in tars]
+
+    def keys(handler):
+        return [s["__key__"] for s in wds.DataPipeline(wds.SimpleShardList(urls), decoded_samples(handler=handler))]
+
+    with pytest.raises(ShardError, match=r"key 'k00001', member 'k00001.feat.npy'.*not an .npy"):
+        keys(None)
+    seen = []
+    kept = keys(lambda exc: seen.append(exc) or True)
+    assert "k00001" not in kept and {"k00000", "k00002", "k00003", "k00008", "k00011"} <= set(kept)
+    assert len(seen) == 2 and seen[1].whole_shard and "easy-000001.tar" in str(seen[1])
+    assert keys(lambda exc: False) == ["k00000"]  # the handler says stop
