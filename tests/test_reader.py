@@ -26,10 +26,10 @@ import torch
 from dataengine import schema
 from dataengine.pack import ShardWriter, encode_json, encode_npy
 from dataengine.plan import EpochOrder, RankSlice, worker_indices
-from dataengine.reader import (LengthGuard, ShardError, ShardReader, SourceError, reader_state_from_loader,
-                               stats_from_loader)
+from dataengine.reader import ShardError, ShardReader, SourceError, reader_state_from_loader, stats_from_loader
 from dataengine.schema import Manifest
 from dataengine.tario import TarError, TarReader, TruncatedTarError
+from train.length import LengthGuard
 
 FEAT_ROWS, DIM = 5, 8
 
@@ -546,7 +546,7 @@ def test_prefetch_is_bounded_in_bytes_and_memory_does_not_grow_with_the_run(tmp_
     assert peak10 < peak1 * 1.5 + 200_000, (peak1, peak10)
 
 
-# ---------------------------------------------------------------------- 7. length guard
+# ------------------------------------------- 7. length guard (train/length.py) as the reader's guard
 
 @pytest.fixture(scope="module")
 def tokenizer():
