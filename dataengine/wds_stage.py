@@ -38,8 +38,8 @@ import functools
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from dataengine.fetch import DEFAULT_REQUIRED, ReadContext, ReaderStats, shard_failure
 from dataengine.prefetch import BufferPool
-from dataengine.reader import DEFAULT_REQUIRED, ReadContext, ReaderStats, shard_failure
 from dataengine.sources import open_url
 from dataengine.tario import ShardError, TarError, TarReader, split_name
 
