@@ -51,8 +51,9 @@ in file order, strictly sequentially, and holds them (at most ``window / (R * W)
 samples) to hand them out permuted. Each member is read with one ``readinto`` into a
 buffer the returned tensor owns (the memory of buffers the consumer dropped is reused,
 which saves page faults: :class:`~dataengine.prefetch.BufferPool`): ``feat`` and
-``clips`` are writable float16 tensors, ``json`` a dict, other members raw bytes. Members not in ``fields`` are not decoded, and on seekable files not
-read. A background thread reads ahead into a queue bounded in bytes (``prefetch_bytes``),
+``clips`` are writable float16 tensors, ``json`` a dict, other members raw bytes.
+Members not in ``fields`` are not decoded, and on seekable files not read. A background
+thread reads ahead into a queue bounded in bytes (``prefetch_bytes``),
 so memory depends on that bound and the window, never on the number of shards or the
 length of the run.
 
