@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from llm_stub_server import Reply, StubChatServer
@@ -379,6 +380,36 @@ def test_retrieval_recall_hand_computed(bench, tmp_path):
     assert got["exact"]["queries"] == 7 and got["exact"]["videos"] == 6
     # Every video described alike: all six tie, and a tie counts against the right video (rank 5).
     assert (got["same"]["R@1"], got["same"]["R@5"], got["same"]["R@10"]) == (0.0, 0.0, 1.0)
+
+
+def test_retrieval_ties_survive_batch_dependent_rounding(bench, tmp_path, monkeypatch):
+    """Equal texts embedded in different places of a batch may differ in the last bits (other
+    CPUs, thread counts): equal descriptions must still tie exactly."""
+    real_embed = evaluate.ClipText.embed
+
+    def jittery_embed(self, texts, batch=64):
+        rows = real_embed(self, texts, batch)
+        return rows + 1e-6 * np.arange(len(rows), dtype=rows.dtype)[:, None]  # position-dependent rounding
+
+    monkeypatch.setattr(evaluate.ClipText, "embed", jittery_embed)
+    rows = samples(bench["shards"]["retrieval"])
+    same = write_predictions(tmp_path / "same.jsonl", {r["key"]: "A shape moves." for r in rows})
+    out = tmp_path / "out"
+    evaluate.retrieval_main(["--shards", str(bench["shards"]["retrieval"]), "--predictions", str(same),
+                             "--output", str(out), "--no-progress"])
+    got = metrics_of(out)["same"]
+    assert (got["R@1"], got["R@5"], got["R@10"]) == (0.0, 0.0, 1.0)
+
+
+def test_text_similarity_gives_equal_texts_equal_scores():
+    def embed(texts):  # a different vector for every position, as if rounding depended on it
+        rows = np.eye(4)[:len(texts)] + 0.1 * np.arange(len(texts))[:, None]
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    sim = evaluate.text_similarity(embed, ["q", "r", "q"], ["x", "y", "x"])
+    assert sim.shape == (3, 3)
+    assert np.array_equal(sim[:, 0], sim[:, 2]) and np.array_equal(sim[0], sim[2])
+    assert not np.array_equal(sim[:, 0], sim[:, 1])
 
 
 def test_retrieval_with_a_model_generates_each_video_once(bench, tmp_path):

@@ -792,6 +792,23 @@ class ClipText:
         return np.concatenate(rows) if rows else np.zeros((0, width), np.float32)
 
 
+def text_similarity(embed, queries: Sequence[str], documents: Sequence[str]):
+    """(Q, D) similarity of query texts to document texts, ``embed`` giving unit rows.
+
+    Equal texts get bit-equal scores: each distinct text is embedded once and each
+    distinct (query, document) product computed once, then spread back. Embedded in
+    different batches or multiplied in different matrix tiles, equal inputs need not give
+    bit-equal floats (it depends on the CPU's kernels and thread count), and the rankings
+    count exact ties against the target (``metrics.target_ranks``).
+    """
+    import numpy as np
+
+    query_texts, query_index = np.unique(np.asarray(list(queries), dtype=object), return_inverse=True)
+    doc_texts, doc_index = np.unique(np.asarray(list(documents), dtype=object), return_inverse=True)
+    distinct = embed(list(query_texts)) @ embed(list(doc_texts)).T
+    return distinct[np.ix_(query_index.reshape(-1), doc_index.reshape(-1))]
+
+
 # =========================================================================== tasks
 
 Row = tuple[str, Any, Kind]
@@ -1028,7 +1045,7 @@ class RetrievalTask(Task):
                 descriptions.append(r["prediction"])
         if not records:
             return [(f"R@{k}", None, "pct") for k in self.config.ks] + [("queries", 0, "count"), ("videos", 0, "count")]
-        similarity = self.clip.embed([r["answer"] for r in records]) @ self.clip.embed(descriptions).T
+        similarity = text_similarity(self.clip.embed, [r["answer"] for r in records], descriptions)
         targets = [videos[r["video_id"]] for r in records]
         ranks = metrics.target_ranks(similarity, targets)
         names = list(videos)
@@ -1104,7 +1121,7 @@ class ActionTask(Task):
         if not records:
             return [(f"top-{k}", None, "pct") for k in self.config.ks] + [("samples", 0, "count")]
         prompts = [self.config.class_template.replace("{class}", class_words(c)) for c in self.classes]
-        similarity = self.clip.embed([r["prediction"] for r in records]) @ self.clip.embed(prompts).T
+        similarity = text_similarity(self.clip.embed, [r["prediction"] for r in records], prompts)
         labels = [r["label_index"] for r in records]
         ranks = metrics.target_ranks(similarity, labels)
         for r, rank, row in zip(records, ranks, similarity):
