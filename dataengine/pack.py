@@ -1,13 +1,15 @@
 """Packing: order samples by answer length, split into stages, write tars and the manifest.
 
-Tars are byte-reproducible: members are written in a fixed order with fixed metadata
-(mtime 0, uid/gid 0, mode 0444, ustar headers), so the same inputs give the same bytes.
+Tars are written by ``webdataset.TarWriter`` and are byte-reproducible: members are written
+in a fixed order (json first) with fixed metadata (mtime 0, uid/gid 0, no user or group
+names, mode 0444, ustar headers), so the same inputs give the same bytes.
 Each shard is written under a temporary name and renamed when complete; the manifest is
 written last, so a folder with a manifest is always complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -20,11 +22,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import webdataset
 
 from dataengine import schema
 from dataengine.schema import ShardInfo, StageInfo
 
 log = logging.getLogger(__name__)
+
+# TarWriter's tar stream hands the file 10 KiB pieces; a large buffer turns them into few
+# large writes (with the default 8 KiB one, pack ran at about half its speed).
+_WRITE_BUFFER = 4 << 20
 
 
 def npy_parts(array: np.ndarray) -> list[bytes | memoryview]:
@@ -65,6 +72,11 @@ def encode_member(suffix: str, value: Any) -> bytes:
     return b"".join(member_parts(suffix, value))
 
 
+def _tar_size(nbytes: int) -> int:
+    """Bytes a member of ``nbytes`` takes in a tar: its header block and its padded data."""
+    return tarfile.BLOCKSIZE + -(-nbytes // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
 def _member_order(sample: dict[str, Any]) -> list[str]:
     known = [s for s in schema.MEMBER_ORDER if s in sample]
     extra = sorted(s for s in sample if not s.startswith("__") and s not in schema.MEMBER_ORDER)
@@ -93,6 +105,9 @@ class ShardWriter:
         self.name = name
         self.info = StageInfo(name=stage)
         self._file = None
+        self._tar: webdataset.TarWriter | None = None
+        self._tar_bytes = 0
+        """Bytes of the members written to the current shard (the tar stream buffers some)."""
         self._tmp: str | None = None
         self._current: ShardInfo | None = None
 
@@ -100,17 +115,17 @@ class ShardWriter:
     def _open(self) -> None:
         final = self.name(self.stage, self.index)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{final}.", suffix=".tmp", dir=self.folder)
-        self._file = _HashingFile(os.fdopen(fd, "wb"))
+        self._file = _HashingFile(os.fdopen(fd, "wb", buffering=_WRITE_BUFFER))
+        self._tar = webdataset.TarWriter(self._file, user="", group="", mode=0o444, mtime=0, encoder=False)
+        self._tar_bytes = 0
         self._current = ShardInfo(url=final, samples=0, bytes=0, sha256="",
                                   min_answer_tokens=1 << 62, max_answer_tokens=0)
 
     def _finish(self) -> None:
         if self._file is None:
             return
-        assert self._file is not None and self._current is not None and self._tmp is not None
-        # End of archive as tarfile writes it: two zero blocks, then padding to a whole record.
-        end = self._file.size + 2 * tarfile.BLOCKSIZE
-        self._file.write(bytes(2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
+        assert self._tar is not None and self._current is not None and self._tmp is not None
+        self._tar.close()  # the end of the archive; our file stays open
         self._file.flush_and_sync()
         self._current.bytes = self._file.size
         self._current.sha256 = self._file.hexdigest()
@@ -120,7 +135,7 @@ class ShardWriter:
         os.chmod(self._tmp, 0o644)  # mkstemp makes 0600; shards are served to and read by others
         os.replace(self._tmp, self.folder / self._current.url)
         self.info.shards.append(self._current)
-        self._file = self._tmp = self._current = None
+        self._file = self._tar = self._tmp = self._current = None
         self.index += 1
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -130,29 +145,21 @@ class ShardWriter:
         members = []
         for suffix in _member_order(sample):
             parts = member_parts(suffix, sample[suffix])
-            members.append((suffix, parts, sum(memoryview(p).nbytes for p in parts)))
-        size = sum(tarfile.BLOCKSIZE + -(-n // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for _, _, n in members)
+            members.append((suffix, parts[0] if len(parts) == 1 else b"".join(parts)))
+        size = sum(_tar_size(memoryview(data).nbytes) for _, data in members)
         if self._current is not None and (
             self._current.samples >= self.maxcount
-            or (self._current.samples > 0 and self._file.size + size > self.maxsize)
+            or (self._current.samples > 0 and self._tar_bytes + size > self.maxsize)
         ):
             self._finish()
         if self._file is None:
             self._open()
-        assert self._file is not None and self._current is not None
-        for suffix, parts, nbytes in members:
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size = nbytes
-            info.mtime = 0
-            info.mode = 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            # Header, data and padding written straight through: tarfile.addfile would copy the
-            # member again in 16 KiB pieces.
-            self._file.write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
-            for part in parts:
-                self._file.write(part)
-            self._file.write(bytes(-nbytes % tarfile.BLOCKSIZE))
+        assert self._tar is not None and self._current is not None
+        for suffix, data in members:
+            # One member per call: TarWriter writes a sample's members in sorted order, and
+            # json goes first (a reader that wants only the json stops early).
+            self._tar.write({"__key__": key, suffix: data})
+        self._tar_bytes += size
         cur = self._current
         tokens = int(sample.get("json", {}).get("answer_tokens", 0)) if isinstance(sample.get("json"), dict) else 0
         cur.samples += 1
@@ -170,10 +177,12 @@ class ShardWriter:
         """Drop the shard in progress (its temp file), keeping finished ones."""
         if self._file is not None:
             try:
+                with contextlib.suppress(OSError, ValueError):  # the write that failed may fail again
+                    self._tar.close()
                 self._file.close()
             finally:
                 Path(self._tmp).unlink(missing_ok=True)
-            self._file = self._tmp = self._current = None
+            self._file = self._tar = self._tmp = self._current = None
 
     def __enter__(self) -> "ShardWriter":
         return self
