@@ -276,7 +276,7 @@ def test_tokens_after_eos_change_nothing(setup):  # §2.4
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-def test_missing_eos_is_penalised_and_eos_rate_reported(setup):  # §2.5
+def test_missing_eos_is_penalised_and_eos_rate_reported(setup, tmp_path):  # §2.5
     eos = setup.model.views["policy"].eos_token_id
     n = len(setup.samples)
     responses = torch.tensor([[12, 13, 14, 15]] * n)
@@ -291,9 +291,33 @@ def test_missing_eos_is_penalised_and_eos_rate_reported(setup):  # §2.5
     torch.testing.assert_close(ro.rewards[1, 3], -8.0 - 0.1 * ro.kl[1, 3])
     times = {"generate": 1.0, "score": 1.0, "forward": 1.0, "train": 1.0}
     train_sums = {k: 0.0 for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio")}
-    metrics = ppo.log_metrics(1, 1, ro, {**train_sums, "micro_batches": 1.0}, times, 0.1, setup.dist, 0.0, 0)
+    from train.runs import Run
+
+    run = Run(tmp_path, setup.config, setup.dist, ppo.STATE_FORMAT, ppo.PLAN_FIELDS)
+    metrics = ppo.log_metrics(run, 1, 1, ro, {**train_sums, "micro_batches": 1.0}, times, 0.1, 1)
     assert metrics["eos_rate"] == 0.5
     assert metrics["response_len"] == 3.0
+
+
+def test_rollout_whitens_over_ranks_under_nccl(setup, monkeypatch):
+    """Regression (issue 14.2): the rollout's advantage whitening all-reduced CPU tensors, which
+    NCCL rejects: multi-GPU PPO crashed at its first step. Under a fake two-rank NCCL group
+    (tests/fake_group.py: CPU tensors rejected, the other rank this one's twin) the rollout
+    runs, and its advantages are those of whitening both ranks' tokens together."""
+    import fake_group
+
+    eos = setup.model.views["policy"].eos_token_id
+    n = len(setup.samples)
+    responses = torch.tensor([[12, 13, eos, 15]] * n)
+    args = (setup.model, setup.samples, responses, torch.full((n,), 4), setup.config, setup.sizes)
+    alone, _ = ppo.evaluate_rollout(*args, step=0, rank=0, device="cpu", kl_coef=0.1)
+    fake_group.install(monkeypatch)
+    twins, _ = ppo.evaluate_rollout(*args, step=0, rank=0, device="cpu", kl_coef=0.1)
+    monkeypatch.undo()
+    raw, _ = rl.gae(alone.rewards, alone.values, alone.mask, setup.config.gamma, setup.config.lam)
+    both = rl.masked_whiten(torch.cat([raw, raw]), torch.cat([alone.mask, alone.mask]))[:n]
+    torch.testing.assert_close(twins.advantages, both)
+    assert not torch.allclose(twins.advantages, alone.advantages)  # n-1 vs 2n-1: the sums did travel
 
 
 def test_padding_changes_no_logprob_value_or_reward(setup):  # §2.9
@@ -370,10 +394,10 @@ def test_prompt_preparer_leaves_out_prompts_too_long_once_spliced(setup):
         return {"key": f"rows{rows}", "feat": torch.zeros(rows, FEAT_DIM),
                 "json": {"conversations": [{"from": "human", "value": "<video>\nWhat happens?"}]}}
 
-    assert prepare(sample(11)) is None and prepare.counts == {"fit": 0, "too_long": 1}
+    assert prepare(sample(11)) is None and prepare.counts == {"fit": 0, "too_long": 1, "non_finite": 0}
     kept = prepare(sample(10))
     assert len(kept["prompt_ids"]) == tokens and kept["question"] == "<video>\nWhat happens?"
-    assert prepare.counts == {"fit": 1, "too_long": 1}
+    assert prepare.counts == {"fit": 1, "too_long": 1, "non_finite": 0}
     with pytest.raises(ValueError, match="bad"):
         prepare({"key": "bad", "feat": torch.zeros(2, FEAT_DIM), "json": {"conversations": []}})
 
@@ -501,10 +525,10 @@ def test_end_to_end_reward_rises_with_bounded_kl(world_models, tmp_path):
 def test_resume_continues_exactly(world_models, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     # an adaptive β and a moving LR: the KL controller and the scheduler must come back too
-    common = ("--steps", "4", "--save-every", "2", "--kl-target", "1.0", "--kl-horizon", "20", "--warmup-steps", "3",
+    common = ("--max-steps", "4", "--save-every", "2", "--kl-target", "1.0", "--kl-horizon", "20", "--warmup-steps", "3",
               "--min-lr-ratio", "0.1")
     assert ppo.main(ppo_argv(world_models, full, *common)) == 0
-    assert ppo.main(ppo_argv(world_models, cut, *common, "--max-steps", "3")) == 0  # stops after step 3
+    assert ppo.main(ppo_argv(world_models, cut, *common, "--stop-after-steps", "3")) == 0  # stops after step 3
     assert (cut / "checkpoints" / "latest").read_text().strip() == "step-00000002"
     assert not (cut / "model").exists()
     assert ppo.main(ppo_argv(world_models, cut, *common, "--resume")) == 0
@@ -524,7 +548,7 @@ def test_two_ranks_under_torchrun(world_models, tmp_path):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "train/ppo.py"), *ppo_argv(world_models, out, "--steps", "2")]
+           str(REPO / "train/ppo.py"), *ppo_argv(world_models, out, "--max-steps", "2")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = read_metrics(out)

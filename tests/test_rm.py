@@ -204,31 +204,49 @@ def test_stand_ins_add_nothing_to_the_loss(tokenizer):
 
 def test_shipped_config_parses():
     config = parse_config(rm.RMConfig, ["--config", str(ROOT / "train" / "configs" / "rm_tiny.yaml")])
-    assert config.stages == ["pairs"] and config.eval_last_shards == 1
+    assert config.stages == ["pairs"] and 0 < config.eval_fraction < 1
 
 
 def test_invalid_settings_are_reported_together():
     with pytest.raises(ConfigError) as info:
-        rm.RMConfig(epochs=0, eval_shards="x", eval_last_shards=1, lr=0)
+        rm.RMConfig(epochs=0, eval_shards="x", eval_fraction=0.2, lr=0)
     text = str(info.value)
     assert "--epochs" in text and "not both" in text and "--lr" in text
 
 
-def test_split_last_shards(tmp_path):
+def test_split_by_video_keeps_each_video_on_one_side(tmp_path):
+    """Regression for --eval-last-shards: the held-out shards were the longest answers and
+    shared videos with training. Now a seeded share of the videos is held out, whole."""
     rng = np.random.default_rng(0)
-    pairs = [{"video_id": "v", "kind": "text", "question": QUESTION, "chosen": f"c{i}", "rejected": f"r{i}"}
-             for i in range(10)]
-    captions = {"v": {"segments": [{"caption": "a red circle moves left"}]}}
-    folder = rm_fixtures.write_preference_shards(tmp_path / "pairs", pairs,
-                                                 {"v": rng.standard_normal((4, 8)).astype(np.float16)},
-                                                 captions, maxcount=3)
-    train_src, held_src = rm.split_last_shards(str(folder), ["pairs"], 2, tmp_path / "split")
-    train_keys = [s["key"] for s in read_pairs(train_src)]
-    held_keys = [s["key"] for s in read_pairs(held_src)]
-    assert len(train_keys) == 6 and len(held_keys) == 4  # shards of 3, 3, 3, 1
-    assert sorted(train_keys + held_keys) == sorted(s["key"] for s in read_pairs(folder))
-    with pytest.raises(ValueError, match="leaves no training shard"):
-        rm.split_last_shards(str(folder), ["pairs"], 4, tmp_path / "split2")
+    videos = [f"v{i}" for i in range(8)]
+    pairs = [{"video_id": videos[i % 8], "kind": "text", "question": QUESTION, "chosen": f"c{i}",
+              "rejected": f"r{i}"} for i in range(40)]
+    captions = {v: {"segments": [{"caption": "a red circle moves left"}]} for v in videos}
+    feats = {v: rng.standard_normal((4, 8)).astype(np.float16) for v in videos}
+    folder = rm_fixtures.write_preference_shards(tmp_path / "pairs", pairs, feats, captions, maxcount=3)
+    train_src, held_src = rm.split_by_video(str(folder), ["pairs"], 0.25, 0, tmp_path / "split")
+    train, held = read_pairs(train_src), read_pairs(held_src)
+    train_videos, held_videos = ({s["json"]["video_id"] for s in part} for part in (train, held))
+    assert len(held_videos) == 2 and not train_videos & held_videos  # 25 % of 8 videos, whole
+    assert len(held) == 10 and len(train) == 30
+    assert sorted(s["key"] for s in train + held) == sorted(s["key"] for s in read_pairs(folder))
+    for sample in held:  # the features travel with their pair
+        assert np.array_equal(sample["feat"].numpy(), feats[sample["json"]["video_id"]])
+    # Seeded: the same seed holds out the same videos, another seed others.
+    assert rm.heldout_videos([s["json"]["video_id"] for s in train + held], 0.25, 0) == held_videos
+    assert any(rm.heldout_videos(videos, 0.25, seed) != held_videos for seed in range(1, 5))
+    with pytest.raises(ValueError, match="at least 2 videos"):
+        rm.heldout_videos(["v0", "v0"], 0.5, 0)
+
+
+def test_accuracy_on_soft_labelled_pairs_is_reported_apart():
+    sums = {"pairs": 4.0, "skipped": 0.0, "correct": 3.0, "margin_sum": 2.0, "chosen_sum": 1.0,
+            "rejected_sum": -1.0, "nll_sum": 2.0, "soft_pairs": 2.0, "soft_correct": 1.0}
+    metrics = rm.eval_metrics(sums)
+    assert metrics["accuracy"] == 0.75 and metrics["accuracy_soft"] == 0.5 and metrics["accuracy_hard"] == 1.0
+    assert "soft-labelled 2: acc 0.500, others 1.000" in rm.format_eval(metrics)
+    none = rm.eval_metrics(dict(sums, soft_pairs=0.0, soft_correct=0.0))
+    assert none["accuracy_soft"] is None and "soft" not in rm.format_eval(none)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -370,7 +388,7 @@ def test_resume_continues_exactly(reference, pref):
             "--epochs", "2", "--save-every", "3", "--eval-every", "6", "--log-keys", *BASE]
     # Killed after step 5: the last checkpoint is step 3 (mid epoch 0), steps 4-5 are lost and
     # redone, and the resumed run crosses into epoch 1.
-    run_recipe([*args, "--max-steps", "5"])
+    run_recipe([*args, "--stop-after-steps", "5"])
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000003"
     assert not (out / "model").exists()
     state = json.loads((out / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
@@ -396,20 +414,23 @@ def test_resume_continues_exactly(reference, pref):
 @pytest.mark.slow
 def test_two_ranks_zero3_disjoint_pairs_and_heldout_counted_once(pref, capsys):
     out = pref["root"] / "two_ranks"
-    # 38 pairs in shards of 7: the last shard (3 pairs) is held out, 35 train -> 17 per rank -> 4 steps of 4.
-    run_recipe(["--shards", str(pref["pairs"]), "--eval-last-shards", "1", "--output", str(out),
+    # 38 pairs of 6 videos: a seeded third of the videos (2) is held out with all their pairs.
+    run_recipe(["--shards", str(pref["pairs"]), "--eval-fraction", "0.34", "--output", str(out),
                 "--zero-stage", "3", "--log-keys", *BASE, "--micro-batch", "4"], ranks=2)
-    rank0, rank1 = (read_keys(out / "keys" / f"rank-0000{r}.tsv") for r in (0, 1))
-    assert [s for s, _ in rank0] == [s for s, _ in rank1] == [1, 2, 3, 4]
-    seen0, seen1 = ({k for _, b in rows for k in b} for rows in (rank0, rank1))
-    assert not seen0 & seen1 and len(seen0) == len(seen1) == 16
     held = read_pairs(out / "split" / "heldout" / "manifest.json")
+    train = read_pairs(out / "split" / "train" / "manifest.json")
+    assert not {s["json"]["video_id"] for s in held} & {s["json"]["video_id"] for s in train}
+    steps = len(train) // 2 // 4
+    rank0, rank1 = (read_keys(out / "keys" / f"rank-0000{r}.tsv") for r in (0, 1))
+    assert [s for s, _ in rank0] == [s for s, _ in rank1] == list(range(1, steps + 1))
+    seen0, seen1 = ({k for _, b in rows for k in b} for rows in (rank0, rank1))
+    assert not seen0 & seen1 and len(seen0) == len(seen1) == 4 * steps
     assert not {s["key"] for s in held} & (seen0 | seen1)
     final = json.loads((out / "eval.json").read_text())
-    assert final["pairs"] == len(held) == 3  # 2 per rank, the repeat not counted
-    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert final["pairs"] == len(held)  # an odd count's repeat on the second rank is not counted
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, steps + 1))
     # Gathered from the ZeRO-3 partitions: one process scores the held-out pairs the same.
-    assert rm.eval_main(["--model", str(out / "model"), "--shards", str(pref["pairs"]), "--last-shards", "1"]) == 0
+    assert rm.eval_main(["--model", str(out / "model"), "--shards", str(out / "split" / "heldout")]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed["pairs"] == 3 and printed["accuracy"] == pytest.approx(final["accuracy"])
+    assert printed["pairs"] == len(held) and printed["accuracy"] == pytest.approx(final["accuracy"])
     assert printed["chosen"] == pytest.approx(final["chosen"], abs=1e-4)

@@ -24,7 +24,8 @@ from dataengine.models import load_tokenizer
 from dataengine.pack import ShardWriter
 from dataengine.schema import Manifest
 from train import sft
-from train.launch import DistInfo, WarmupCosine
+from dataengine.dist import Ranks
+from train.launch import WarmupCosine
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = ["red", "green", "blue", "yellow", "white", "orange", "purple", "pink"]
@@ -203,10 +204,10 @@ def test_deepspeed_launcher_argument_is_accepted(monkeypatch):
 def test_curriculum_plan_comes_from_the_manifest(tmp_path):
     shards = write_shards(tmp_path / "shards")  # 42 easy, 22 hard
     config = sft.SFTConfig(shards=str(shards), micro_batch=4, grad_accum=2)
-    one = sft.plan_curriculum(config, DistInfo(0, 1, 0, None))
+    one = sft.plan_curriculum(config, Ranks(0, 1, 0))
     # 42 easy = 10 full micro-batches + 1 of 2 -> 5 steps of 2 (the 11th is left over); 22 hard -> 3 steps.
     assert [(p.stage, p.samples_per_rank, p.steps) for p in one] == [("easy", 42, 5), ("hard", 22, 3)]
-    two = sft.plan_curriculum(config, DistInfo(1, 2, 0, None))
+    two = sft.plan_curriculum(config, Ranks(1, 2, 0))
     assert [(p.stage, p.samples_per_rank, p.steps) for p in two] == [("easy", 21, 3), ("hard", 11, 1)]
     assert sft.feat_width(config) == 64
 
@@ -225,12 +226,12 @@ def test_mixed_curriculum_interleaves_the_stages_and_resumes(tmp_path):
     shards = write_shards(tmp_path / "shards")  # 42 easy, 22 hard
     config = sft.SFTConfig(shards=str(shards), micro_batch=4, grad_accum=2, curriculum="mixed",
                            epochs_per_stage=2)
-    dist = DistInfo(0, 1, 0, None)
+    dist = Ranks(0, 1, 0)
     phases = sft.plan_curriculum(config, dist)
     # 64 samples = 16 micro-batches = 8 steps per epoch, both stages in each.
     assert [(p.stage, p.epoch, p.samples_per_rank, p.steps, p.reads) for p in phases] == \
         [("easy+hard", e, 64, 8, ("easy", "hard")) for e in (0, 1)]
-    assert [(p.samples_per_rank, p.steps) for p in sft.plan_curriculum(config, DistInfo(1, 2, 0, None))] == \
+    assert [(p.samples_per_rank, p.steps) for p in sft.plan_curriculum(config, Ranks(1, 2, 0))] == \
         [(32, 4), (32, 4)]
     tok = load_tokenizer("tiny")
     keys = stage_keys(shards)
@@ -337,14 +338,15 @@ def test_resume_continues_exactly(reference, shards):
     out = shards.parent / "interrupted"
     args = ["--shards", str(shards), "--output", str(out), "--save-every", "3", *BASE]
     # Killed after step 5: the last checkpoint is step 3, steps 4-5 are lost and redone.
-    run_recipe([*args, "--max-steps", "5"])
+    run_recipe([*args, "--stop-after-steps", "5"])
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000003"
     assert not (out / "model").exists()
     ckpt = out / "checkpoints" / "step-00000003"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["step"], state["stage"], state["phase_step"]) == (3, "easy", 3)
     rank_state = json.loads((ckpt / "ranks" / "rank-00000.json").read_text())
-    assert rank_state["state"]["reader"]["yielded"] == 12 and "torch" in rank_state["rng"]
+    # The StatefulDataLoader's state, the reader's position inside it.
+    assert rank_state["state"]["loader"]["dataset_state"]["yielded"] == 12 and "torch" in rank_state["rng"]
     run_recipe([*args, "--resume"])
     ref = {m["step"]: m["loss"] for m in read_jsonl(reference / "metrics.jsonl")}
     resumed = read_jsonl(out / "metrics.jsonl")

@@ -10,9 +10,8 @@ The recipes (``train/sft.py``, ``rm.py``, ``ppo.py``) read top to bottom and cal
   accumulation, clipping) from typed settings; :func:`initialize` creates the engine with
   a torch AdamW and a warmup + cosine schedule (:class:`WarmupCosine`) that DeepSpeed steps
   at each accumulation boundary.
-- :class:`MetricsLog` prints one dense line per logged step on rank 0
-  (``step | stage | loss | lr | tok/s | samples/s | data-wait | eta``) and, optionally,
-  writes TensorBoard scalars.
+- the run folder, its metrics line and TensorBoard scalars are ``train/runs.py``'s; the
+  ranks and every collective are ``dataengine/dist.py``'s.
 - :func:`save_checkpoint` / :func:`load_checkpoint` hold everything a run needs to go on
   exactly: the model as a loadable folder (adapter + projector, ``model/``), DeepSpeed's
   engine state (trainable weights, optimizer partitions, LR scheduler; ``deepspeed/``), the
@@ -20,6 +19,7 @@ The recipes (``train/sft.py``, ``rm.py``, ``ppo.py``) read top to bottom and cal
   position) with its RNG states (``ranks/``).
   A checkpoint is written to a temporary folder and renamed, then the ``latest`` pointer
   is replaced atomically, so a crash mid-save leaves the previous checkpoint intact.
+  Pruning keeps the newest checkpoints up to the one just written, never that one.
   DeepSpeed's own files are torch zip archives; they are read back with
   ``torch.load(weights_only=True)`` and a short allowlist of DeepSpeed types
   (:func:`safe_checkpoint_engine`), so loading a checkpoint never unpickles code.
@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from dataengine import dist
 from dataengine.schema import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -57,18 +58,6 @@ RANKS_DIR = "ranks"
 
 # ------------------------------------------------------------------------------ processes
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 def free_port() -> int:
     """A TCP port free on this machine now (for a single-process run's rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -76,8 +65,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def setup_distributed() -> DistInfo:
-    """Join (or, for one plain process, create) the process group DeepSpeed uses."""
+def setup_distributed() -> dist.Ranks:
+    """Join (or, for one plain process, create) the process group DeepSpeed uses.
+
+    DeepSpeed needs a group even for one process; the group gets :data:`dist.TIMEOUT`.
+    """
     if not torch.cuda.is_available():
         # Must be set before deepspeed is first imported: it picks its accelerator then.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -87,47 +79,17 @@ def setup_distributed() -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.default_backend(), verbose=False, timeout=dist.TIMEOUT)
+    return dist.Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
+                      dist.pick_device("auto", local_rank))
 
 
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_sum(values: Sequence[float]) -> list[float]:
-    """Element-wise sum over ranks (float64 so that token counts stay exact)."""
-    t = torch.tensor(list(values), dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        backend = torch.distributed.get_backend()
-        if backend == "nccl":
-            t = t.cuda()
-        torch.distributed.all_reduce(t)
-    return t.cpu().tolist()
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s JSON-able ``obj`` on every rank (sent as JSON text, never pickled)."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return obj
-    data = json.dumps(obj).encode() if torch.distributed.get_rank() == src else b""
-    size = torch.tensor([len(data)], dtype=torch.long)
-    torch.distributed.broadcast(size, src)
-    buf = torch.zeros(int(size), dtype=torch.uint8)
-    if torch.distributed.get_rank() == src:
-        buf[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    torch.distributed.broadcast(buf, src)
-    return json.loads(bytes(buf.tolist()).decode())
+# Kept for train/evaluate.py until it calls dataengine.dist.broadcast_json itself (one function, not a copy).
+broadcast_object = dist.broadcast_json
 
 
 # ------------------------------------------------------------------------------ engine
@@ -173,6 +135,18 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the trainable parameters: no weight decay on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay}]
+    no_decay = [p for p in params if p.dim() < 2]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
 def initialize(model: torch.nn.Module, config: dict[str, Any], *, lr: float, weight_decay: float,
                warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,
                betas: tuple[float, float] = (0.9, 0.999)):
@@ -183,16 +157,7 @@ def initialize(model: torch.nn.Module, config: dict[str, Any], *, lr: float, wei
     """
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    # No weight decay on biases and norms, as is usual for AdamW.
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(warmup_steps, total_steps, min_lr_ratio))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -209,69 +174,6 @@ def gathered(params: Iterable[torch.nn.Parameter]):
     if not params:
         return contextlib.nullcontext()
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-# ------------------------------------------------------------------------------ metrics
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class MetricsLog:
-    """Rank 0's per-step metrics line and optional TensorBoard scalars.
-
-    ``update`` is called on every rank at a log step (it all-reduces the window's sums).
-    """
-
-    def __init__(self, dist: DistInfo, total_steps: int, tensorboard_dir: Path | None = None):
-        self.dist = dist
-        self.total_steps = total_steps
-        self.writer = None
-        self.start = time.perf_counter()
-        self.steps_timed = 0
-        self.window_start = time.perf_counter()
-        self.history: list[dict[str, Any]] = []
-        if tensorboard_dir is not None and dist.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise RuntimeError("tensorboard logging needs the 'tensorboard' package "
-                                   "(pip install tensorboard), or set tensorboard: false") from exc
-            self.writer = SummaryWriter(str(tensorboard_dir))
-
-    def update(self, *, step: int, stage: str, lr: float, loss_sum: float, loss_count: float,
-               tokens: float, samples: float, data_wait: float, steps: int) -> dict[str, Any] | None:
-        """Sum the window over ranks; on rank 0 log the line and return the metrics."""
-        loss_sum, loss_count, tokens, samples, data_wait = all_sum(
-            [loss_sum, loss_count, tokens, samples, data_wait])
-        now = time.perf_counter()
-        elapsed = now - self.window_start
-        self.window_start = now
-        self.steps_timed += steps
-        if not self.dist.is_main:
-            return None
-        per_step = (now - self.start) / max(1, self.steps_timed)
-        wait_share = data_wait / self.dist.world_size / elapsed if elapsed > 0 else 0.0
-        metrics = {
-            "step": step, "stage": stage, "loss": loss_sum / max(loss_count, 1), "lr": lr,
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-            "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
-            "data_wait": wait_share, "eta_s": per_step * (self.total_steps - step),
-            "tokens": tokens, "samples": samples, "seconds": elapsed, "steps": steps,
-        }
-        self.history.append(metrics)
-        log.info("step %d/%d | %s | loss %.4f | lr %.2e | tok/s %s | samples/s %.1f | data-wait %.1f%% | eta %s",
-                 step, self.total_steps, stage, metrics["loss"], lr, f"{metrics['tokens_per_s']:,.0f}",
-                 metrics["samples_per_s"], 100 * wait_share, format_duration(metrics["eta_s"]))
-        if self.writer is not None:
-            for name in ("loss", "lr", "tokens_per_s", "samples_per_s", "data_wait"):
-                self.writer.add_scalar(f"train/{name}", metrics[name], step)
-        return metrics
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -345,7 +247,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, *, engine, model, trainer_state: dict[str, Any],
-                    dist: DistInfo, rank_state: dict[str, Any] | None = None, keep: int = 0) -> Path:
+                    ranks: dist.Ranks, rank_state: dict[str, Any] | None = None, keep: int = 0) -> Path:
     """Write checkpoint ``root/step-NNNNNNNN`` on every rank (a collective call).
 
     ``trainer_state`` is JSON-able and the same on every rank (step, stage, config...); rank
@@ -356,36 +258,48 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, engine, model, traine
     root = Path(root)
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp"
-    if dist.is_main:
+    if ranks.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier()
+    dist.barrier()
     engine.save_checkpoint(str(tmp), tag=ENGINE_DIR, client_state={}, save_latest=False,
                            exclude_frozen_parameters=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     with gathered(trainable):
-        state = model.trainable_state() if dist.is_main else None
-    if dist.is_main:
+        state = model.trainable_state() if ranks.is_main else None
+    if ranks.is_main:
         model.save(tmp / MODEL_DIR, state=state)
         write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1) + "\n")
     (tmp / RANKS_DIR).mkdir(exist_ok=True)
-    write_text_atomic(tmp / RANKS_DIR / f"rank-{dist.rank:05d}.json",
+    write_text_atomic(tmp / RANKS_DIR / f"rank-{ranks.rank:05d}.json",
                       json.dumps({"rng": rng_state(), "state": rank_state or {}}))
-    barrier()
-    if dist.is_main:
+    dist.barrier()
+    if ranks.is_main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         write_text_atomic(root / LATEST, final.name + "\n")
-        if keep > 0:
-            done = sorted(p for p in root.glob("step-*") if p.is_dir())
-            for old in done[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        for old in checkpoints_to_prune(root, step, keep):
+            shutil.rmtree(old, ignore_errors=True)
         log.info("saved checkpoint %s", final)
-    barrier()
+    dist.barrier()
     return final
 
 
-def load_checkpoint(folder: str | os.PathLike, *, engine, dist: DistInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+def checkpoints_to_prune(root: Path, step: int, keep: int) -> list[Path]:
+    """Checkpoint folders to delete after writing ``step``: beyond the newest ``keep`` of those
+    up to ``step`` (0 keeps all), and any of a later step (left by an earlier, longer run:
+    ``latest`` no longer names them). The one just written is never among them."""
+    def step_of(folder: Path) -> int:
+        return int(folder.name.split("-", 1)[1])
+
+    done = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()),
+                  key=step_of)
+    later = [p for p in done if step_of(p) > step]
+    upto = [p for p in done if step_of(p) <= step]
+    return later + (upto[:-keep] if keep > 0 else [])
+
+
+def load_checkpoint(folder: str | os.PathLike, *, engine, ranks: dist.Ranks) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore engine (weights, optimizer, scheduler) and this rank's RNG.
 
     Returns ``(trainer_state, rank_state)`` as given to :func:`save_checkpoint`.
@@ -395,15 +309,15 @@ def load_checkpoint(folder: str | os.PathLike, *, engine, dist: DistInfo) -> tup
     """
     folder = Path(folder)
     trainer_state = json.loads((folder / TRAINER_STATE).read_text())
-    saved_world = trainer_state.get("world_size", dist.world_size)
-    if saved_world != dist.world_size:
-        raise ValueError(f"{folder} was written by {saved_world} ranks; this run has {dist.world_size} "
+    saved_world = trainer_state.get("world_size", ranks.world_size)
+    if saved_world != ranks.world_size:
+        raise ValueError(f"{folder} was written by {saved_world} ranks; this run has {ranks.world_size} "
                          "(ZeRO optimizer partitions are per rank: resume with the same world size)")
     path, _ = engine.load_checkpoint(str(folder), tag=ENGINE_DIR, load_module_strict=False,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"{folder / ENGINE_DIR}: no DeepSpeed checkpoint files")
-    rank_file = folder / RANKS_DIR / f"rank-{dist.rank:05d}.json"
+    rank_file = folder / RANKS_DIR / f"rank-{ranks.rank:05d}.json"
     rank_data = json.loads(rank_file.read_text())
     set_rng_state(rank_data["rng"])
     return trainer_state, rank_data["state"]
@@ -428,26 +342,26 @@ def strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
-def save_final_model(model, folder: Path, dist: DistInfo, **save_kwargs: Any) -> Path:
+def save_final_model(model, folder: Path, ranks: dist.Ranks, **save_kwargs: Any) -> Path:
     """A trained model (anything with ``trainable_state()`` and ``save(folder, state=...)``) as a
     loadable folder: parameters gathered under ZeRO-3, written by rank 0 to a temp name, renamed."""
     folder = Path(folder)
     trainable = [p for p in model.parameters() if p.requires_grad]
     with gathered(trainable):
-        state = model.trainable_state() if dist.is_main else None
-    if dist.is_main:
+        state = model.trainable_state() if ranks.is_main else None
+    if ranks.is_main:
         tmp = folder.with_name(f".{folder.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save(tmp, state=state, **save_kwargs)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         log.info("saved model %s", folder)
-    barrier()
+    dist.barrier()
     return folder
 
 
-def run_recipe(config_cls: type, train: Callable[[Any, DistInfo], dict[str, Any]], argv: list[str] | None,
-               prog: str) -> tuple[Any, DistInfo, dict[str, Any]]:
+def run_recipe(config_cls: type, train: Callable[[Any, dist.Ranks], dict[str, Any]], argv: list[str] | None,
+               prog: str) -> tuple[Any, dist.Ranks, dict[str, Any]]:
     """The entry point every trainer shares: strip the deepspeed launcher's ``--local_rank``,
     parse the typed config, join the process group, train; only rank 0 logs at INFO."""
     from dataengine import config as cfg
@@ -456,7 +370,7 @@ def run_recipe(config_cls: type, train: Callable[[Any, DistInfo], dict[str, Any]
     config = cfg.parse_config(config_cls, argv, prog=prog)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    dist = setup_distributed()
-    if not dist.is_main:
+    ranks = setup_distributed()
+    if not ranks.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    return config, dist, train(config, dist)
+    return config, ranks, train(config, ranks)

@@ -68,13 +68,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 from torch import nn
 
 from dataengine import config as cfg
+from dataengine import dist
 from train import rl
+from train.trainer_config import TrainerConfig, budget
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +84,18 @@ STATE_FORMAT = "vlmr-ppo-state/1"
 SFT_ADAPTER, POLICY_ADAPTER, REWARD_ADAPTER, VALUE_ADAPTER = "default", "policy", "reward", "value"
 # Settings a resumed run must share with the checkpoint: they fix the data order and the plan.
 PLAN_FIELDS = ("shards", "stages", "sft", "reward_model", "rollout_batch", "step_batch", "micro_batch",
-               "ppo_epochs", "epochs", "steps", "shuffle", "window", "seed", "lora_r", "lora_alpha", "qlora",
+               "ppo_epochs", "epochs", "max_steps", "shuffle", "window", "seed", "lora_r", "lora_alpha", "qlora",
                "max_new_tokens", "generation_batch", "max_length", "temperature")
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(TrainerConfig):
     """PPO of the SFT video LMM against a frozen reward model (QLoRA policy, value from the RM)."""
+
+    NAME: ClassVar[str] = "ppo"
 
     shards: str = "shards/demo"
     """Prompt shards made by `vlmr build-shards` (first human turn = prompt; answers ignored)."""
-    stages: list[str] = field(default_factory=lambda: ["easy", "hard"])
-    """Stages of the shard set to take prompts from, in this order."""
     sft: str = "runs/sft/model"
     """The SFT model folder (`vlmr train sft`): the policy's start and the frozen reference."""
     reward_model: str = "runs/rm/model"
@@ -107,7 +109,6 @@ class PPOConfig:
     """Modules the PPO adapter wraps (default: the SFT adapter's)."""
     qlora: bool = True
     """Load the shared base LM 4-bit nf4 (bitsandbytes) under the adapters."""
-    precision: Literal["fp32", "bf16"] = "fp32"
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-2 (generation needs whole weights on every rank)."""
     rollout_batch: int = 256
@@ -147,41 +148,23 @@ class PPOConfig:
     ppo_epochs: int = 2
     """Passes over each rollout."""
     lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 1.0
     """Final LR as a fraction of the peak (1: constant after warmup)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup."""
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    """Gradient norm clipping over policy and value parameters (0 turns it off)."""
     epochs: int = 1
-    """Passes over the prompts."""
-    steps: int = 0
-    """PPO steps of the run (0: every full rollout of `epochs` passes); sets the LR schedule."""
+    """Passes over the prompts (--max-steps cuts the run shorter)."""
     shuffle: Literal["window", "none", "stage"] = "stage"
     """Prompt order; 'stage' is a uniform shuffle within each stage."""
-    window: int = 64
-    on_error: Literal["raise", "skip"] = "raise"
-    """Corrupt shard data: stop naming the shard, or skip and count it."""
-    seed: int = 0
-    """Seeds the PPO adapter, the prompt order, sampling and minibatches."""
-    save_every: int = 0
-    """Write a checkpoint every N PPO steps (0: only at the end)."""
-    keep_checkpoints: int = 2
-    resume: bool = False
-    """Continue from OUTPUT/checkpoints/latest (same ranks and plan settings)."""
-    max_steps: int = 0
-    """Stop after this many PPO steps as an interrupted run would, saving nothing at the stop."""
 
-    def __post_init__(self) -> None:
-        p: list[str] = []
-        cfg.check(p, bool(self.stages), "--stages: at least one stage")
+    def problems(self) -> list[str]:
+        p = super().problems()
         cfg.check(p, self.lora_r >= 1 and self.lora_alpha > 0, "--lora-r must be >= 1, --lora-alpha > 0")
-        cfg.check(p, self.zero_stage in (0, 1, 2), f"--zero-stage must be 0..2, got {self.zero_stage}")
-        for name in ("rollout_batch", "step_batch", "micro_batch", "generation_batch", "max_new_tokens",
-                     "ppo_epochs", "epochs"):
+        cfg.check(p, self.zero_stage in (0, 1, 2), f"--zero-stage must be 0..2 for PPO, got {self.zero_stage}")
+        for name in ("rollout_batch", "step_batch", "generation_batch", "max_new_tokens", "ppo_epochs", "epochs"):
             cfg.check(p, getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
-        cfg.check(p, self.rollout_batch % self.step_batch == 0,
+        cfg.check(p, self.rollout_batch % max(self.step_batch, 1) == 0,
                   f"--rollout-batch {self.rollout_batch} must be a multiple of --step-batch {self.step_batch} "
                   "(each sample is used exactly once per PPO epoch)")
         cfg.check(p, self.max_length > self.max_new_tokens, "--max-length must exceed --max-new-tokens")
@@ -192,13 +175,8 @@ class PPOConfig:
         cfg.check(p, 0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "--gamma and --lam must be in [0, 1]")
         cfg.check(p, self.clip_range > 0 and self.value_clip_range > 0, "clip ranges must be > 0")
         cfg.check(p, self.vf_coef >= 0, "--vf-coef must be >= 0")
-        cfg.check(p, self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be > 0, --min-lr-ratio in [0, 1]")
-        cfg.check(p, self.warmup_steps >= 0 and self.weight_decay >= 0 and self.grad_clip >= 0,
-                  "--warmup-steps, --weight-decay and --grad-clip must be >= 0")
-        cfg.check(p, self.steps >= 0 and self.max_steps >= 0 and self.save_every >= 0 and self.keep_checkpoints >= 0,
-                  "--steps, --max-steps, --save-every and --keep-checkpoints must be >= 0")
-        cfg.check(p, self.window >= 1, "--window must be >= 1")
-        cfg.raise_problems(p, "ppo settings")
+        cfg.check(p, self.warmup_steps >= 0, "--warmup-steps must be >= 0")
+        return p
 
 
 @dataclass(frozen=True)
@@ -506,9 +484,9 @@ class SuppressToken:
         self.token_id = token_id
 
     def __call__(self, module: nn.Module, inputs, logits: torch.Tensor) -> torch.Tensor:
-        if self.token_id >= logits.shape[-1]:
-            return logits
-        return logits.index_fill(-1, torch.tensor([self.token_id], device=logits.device), float("-inf"))
+        from train.model import suppress_token
+
+        return suppress_token(logits, self.token_id)
 
 
 def _is_tuner_layer(module: nn.Module) -> bool:
@@ -571,14 +549,20 @@ class PromptPreparer:
     decides the same, before any batch is built.
     """
 
-    def __init__(self, tokenizer, max_length: int, max_new_tokens: int):
+    def __init__(self, tokenizer, max_length: int, max_new_tokens: int, on_error: str = "raise"):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
-        self.counts = {"fit": 0, "too_long": 0}
+        self.on_error = on_error
+        self.counts = {"fit": 0, "too_long": 0, "non_finite": 0}
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         from train import conversation
+        from train.finite import check_features
+
+        if not check_features(sample, self.on_error):
+            self.counts["non_finite"] += 1
+            return None
 
         try:
             first = sample["json"]["conversations"][0]
@@ -599,31 +583,30 @@ class PromptPreparer:
         return dict(sample, prompt_ids=ids, question=question)
 
 
-def make_reader(config: PPOConfig, epoch: int, dist, rollout: int, prepare=None):
+def make_reader(config: PPOConfig, epoch: int, ranks, rollout: int, prepare=None):
     from dataengine.reader import ShardReader
 
-    return ShardReader(config.shards, stages=list(config.stages), rank=dist.rank, world_size=dist.world_size,
+    return ShardReader(config.shards, stages=list(config.stages), rank=ranks.rank, world_size=ranks.world_size,
                        batch_size=rollout, shuffle=config.shuffle, window=config.window, seed=config.seed,
-                       epoch=epoch, fields=("json", "feat"), on_error=config.on_error, guard=prepare)
+                       epoch=epoch, fields=("json", "feat"), on_error=config.on_error, verify=config.verify,
+                       guard=prepare)
 
 
-def plan_steps(config: PPOConfig, dist, sizes: Sizes) -> list[int]:
-    """PPO steps of each prompt epoch (from the manifest alone), capped by ``steps``."""
-    per_epoch = len(make_reader(config, 0, dist, sizes.rollout)) // sizes.rollout
+def make_loader(reader, sizes: Sizes):
+    """Rollouts of prompts (lists of ``sizes.rollout`` samples) through torchdata's
+    ``StatefulDataLoader``; its ``state_dict()`` is what a checkpoint stores."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    return StatefulDataLoader(reader, batch_size=sizes.rollout, num_workers=0, collate_fn=list)
+
+
+def plan_steps(config: PPOConfig, ranks, sizes: Sizes) -> list[int]:
+    """PPO steps of each prompt epoch (from the manifest alone), cut to ``max_steps`` in all."""
+    per_epoch = len(make_reader(config, 0, ranks, sizes.rollout)) // sizes.rollout
     if per_epoch == 0:
         raise ValueError(f"{config.shards}: stages {config.stages} hold fewer than one rollout of "
-                         f"{sizes.rollout} prompts per rank on {dist.world_size} rank(s)")
-    plan = [per_epoch] * config.epochs
-    if config.steps:
-        if config.steps > sum(plan):
-            raise ValueError(f"--steps {config.steps} needs more prompts than --epochs {config.epochs} give "
-                             f"({sum(plan)} steps of {config.rollout_batch})")
-        left, capped = config.steps, []
-        for n in plan:
-            capped.append(min(n, left))
-            left -= capped[-1]
-        plan = [n for n in capped if n]
-    return plan
+                         f"{sizes.rollout} prompts per rank on {ranks.world_size} rank(s)")
+    return [n for n in budget([per_epoch] * config.epochs, config.max_steps) if n]
 
 
 # ---------------------------------------------------------------------------- rollout
@@ -715,13 +698,13 @@ def _mix(*parts: int) -> int:
 
 
 def rollout(model: ActorCritic, samples: Sequence[dict[str, Any]], config: PPOConfig, sizes: Sizes, *,
-            step: int, rank: int, device, kl_coef: float, all_reduce=None) -> tuple[Rollout, dict[str, float]]:
+            step: int, rank: int, device, kl_coef: float) -> tuple[Rollout, dict[str, float]]:
     """Generate, score and evaluate one rank's rollout; returns it and the time split."""
     t0 = time.perf_counter()
     responses, lengths = generate_responses(model, samples, config, step=step, rank=rank, device=device)
     generated = time.perf_counter() - t0
     ro, times = evaluate_rollout(model, samples, responses, lengths, config, sizes, step=step, rank=rank,
-                                 device=device, kl_coef=kl_coef, all_reduce=all_reduce)
+                                 device=device, kl_coef=kl_coef)
     return ro, {"generate": generated, **times}
 
 
@@ -749,7 +732,7 @@ def generate_responses(model: ActorCritic, samples: Sequence[dict[str, Any]], co
 
 def evaluate_rollout(model: ActorCritic, samples: Sequence[dict[str, Any]], responses: torch.Tensor,
                      lengths: torch.Tensor, config: PPOConfig, sizes: Sizes, *, step: int, rank: int, device,
-                     kl_coef: float, all_reduce=None) -> tuple[Rollout, dict[str, float]]:
+                     kl_coef: float) -> tuple[Rollout, dict[str, float]]:
     """Score responses, compute old/reference logprobs and values, rewards, GAE; all frozen.
 
     responses (B, T) with ``lengths`` (B,) generated tokens each; tokens after the first EOS
@@ -796,7 +779,9 @@ def evaluate_rollout(model: ActorCritic, samples: Sequence[dict[str, Any]], resp
     rewards, kl = rl.kl_penalized_rewards(shaped, logprobs, ref_logprobs, mask, kl_coef)
     advantages, returns = rl.gae(rewards, values, mask, config.gamma, config.lam)
     if config.whiten_advantages:
-        advantages = rl.masked_whiten(advantages, mask, all_reduce=all_reduce)
+        # Over the whole rollout batch: every rank's valid tokens (dist places the sums where
+        # the backend takes them: NCCL only takes CUDA tensors).
+        advantages = rl.masked_whiten(advantages, mask, all_reduce=dist.all_reduce_sum)
     times["forward"] = time.perf_counter() - t0
     ro = Rollout(keys=[s.get("key", "") for s in samples], feats=feats, prompt_ids=prompts, responses=responses,
                  lengths=lengths, mask=mask, ended=ended, raw_scores=raw, scores=scores, shaped_scores=shaped,
@@ -823,6 +808,8 @@ def ppo_step(engine, model: ActorCritic, ro: Rollout, config: PPOConfig, sizes: 
     Returns this rank's sums for the metrics line and ``records``: one per micro-batch
     (epoch, minibatch, sample indices, mean ratio, clipfrac, max |logπ - logπ_old|).
     """
+    from train.finite import check_loss
+
     model.train()
     sums = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "vf_clipfrac": 0.0, "approx_kl": 0.0, "ratio": 0.0,
             "micro_batches": 0.0}
@@ -840,6 +827,7 @@ def ppo_step(engine, model: ActorCritic, ro: Rollout, config: PPOConfig, sizes: 
                 vf_loss, vf_clipfrac = rl.value_loss(values, ro.values[idx].to(device), ro.returns[idx].to(device),
                                                      mask, config.value_clip_range)
                 loss = pg.loss + config.vf_coef * vf_loss
+                check_loss(loss, step=step + 1, rank=rank, keys=[ro.keys[i] for i in idx])
                 engine.backward(loss)
                 engine.step()
                 for name, value in (("pg_loss", pg.loss), ("vf_loss", vf_loss), ("clipfrac", pg.clipfrac),
@@ -860,10 +848,11 @@ METRIC_SUMS = ("samples", "raw_score", "score", "shaped_score", "return", "kl", 
                "generate", "score_time", "forward", "train", "substitutes", "value_sq_err", "value_count")
 
 
-def log_metrics(step: int, total_steps: int, ro: Rollout, train_sums: dict[str, Any], times: dict[str, float],
-                kl_coef: float, dist, started: float, first_step: int) -> dict[str, Any]:
-    """Sum this rank's figures over ranks; on rank 0 log the step's line and return the metrics."""
-    from train import launch
+def log_metrics(run, step: int, total_steps: int, ro: Rollout, train_sums: dict[str, Any], times: dict[str, float],
+                kl_coef: float, done_here: int) -> dict[str, Any]:
+    """Sum this rank's figures over ranks; rank 0 writes the step's line and the metrics
+    (every rank calls it, and gets the metrics: β's update uses the all-reduced KL)."""
+    from train.runs import metrics_line
 
     mask = ro.mask
     seq_kl = rl.sequence_kl(ro.kl, mask)
@@ -878,10 +867,9 @@ def log_metrics(step: int, total_steps: int, ro: Rollout, train_sums: dict[str, 
         "train": times["train"], "substitutes": float(ro.substitutes),
         "value_sq_err": float((((ro.values - ro.returns) ** 2) * mask).sum()), "value_count": float(mask.sum()),
     }
-    total = dict(zip(METRIC_SUMS, launch.all_sum([local[k] for k in METRIC_SUMS])))
-    n, mb, world = max(total["samples"], 1), max(total["micro_batches"], 1), dist.world_size
+    total = dict(zip(METRIC_SUMS, dist.all_sum([local[k] for k in METRIC_SUMS])))
+    n, mb, world = max(total["samples"], 1), max(total["micro_batches"], 1), run.ranks.world_size
     step_time = sum(times.values())
-    elapsed = time.perf_counter() - started
     metrics = {
         "step": step, "reward_raw": total["raw_score"] / n, "reward": total["score"] / n,
         "score_shaped": total["shaped_score"] / n, "return": total["return"] / n, "kl": total["kl"] / n,
@@ -894,42 +882,31 @@ def log_metrics(step: int, total_steps: int, ro: Rollout, train_sums: dict[str, 
         "time_train": total["train"] / world,
         "rollout_tokens_per_s": total["tokens"] / max(total["generate"] / world, 1e-9),
         "substitutes": total["substitutes"], "value_mse": total["value_sq_err"] / max(total["value_count"], 1),
-        "eta_s": elapsed / max(1, step - first_step) * (total_steps - step),
+        "eta_s": run.eta(done_here, step, total_steps),
     }
-    if dist.is_main:
-        log.info("step %d/%d | reward %.3f (raw %.3f) | kl %.3f β %.3f | ent %.2f | pg %.4f | vf %.4f | clip %.3f "
-                 "| akl %.4f | len %.1f | eos %.0f%% | gen %.1fs score %.1fs train %.1fs (%.1fs) | eta %s",
-                 step, total_steps, metrics["reward"], metrics["reward_raw"], metrics["kl"], kl_coef,
-                 metrics["entropy"], metrics["pg_loss"], metrics["vf_loss"], metrics["clipfrac"], metrics["approx_kl"],
-                 metrics["response_len"], 100 * metrics["eos_rate"], metrics["time_generate"], metrics["time_score"],
-                 metrics["time_train"], step_time, launch.format_duration(metrics["eta_s"]))
+    m = metrics
+    run.log(metrics, metrics_line(step, total_steps, [
+        f"reward {m['reward']:.3f} (raw {m['reward_raw']:.3f})", f"kl {m['kl']:.3f} β {kl_coef:.3f}",
+        f"ent {m['entropy']:.2f}", f"pg {m['pg_loss']:.4f}", f"vf {m['vf_loss']:.4f}", f"clip {m['clipfrac']:.3f}",
+        f"akl {m['approx_kl']:.4f}", f"len {m['response_len']:.1f}", f"eos {100 * m['eos_rate']:.0f}%",
+        f"gen {m['time_generate']:.1f}s score {m['time_score']:.1f}s train {m['time_train']:.1f}s ({step_time:.1f}s)"],
+        m["eta_s"]))
     return metrics
 
 
 # ---------------------------------------------------------------------------- recipe
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def train(config: PPOConfig, dist) -> dict[str, Any]:
+def train(config: PPOConfig, ranks) -> dict[str, Any]:
     """Run (or resume) PPO; returns a summary (steps, last metrics, model path)."""
-    from dataengine.schema import write_text_atomic
     from train import launch
+    from train.runs import Run
 
-    out = Path(config.output)
-    ckpt_root = out / "checkpoints"
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(config), indent=1) + "\n")
+    run = Run.open(config, ranks, state_format=STATE_FORMAT, plan_fields=PLAN_FIELDS)
     torch.manual_seed(config.seed)
 
     # -- setup, in dependency order: sizes, plan, models, engine, KL controller --------------
-    sizes = Sizes.of(config, dist.world_size)
-    plan = plan_steps(config, dist, sizes)
+    sizes = Sizes.of(config, ranks.world_size)
+    plan = plan_steps(config, ranks, sizes)
     total_steps = sum(plan)
     model = ActorCritic.load(config)
     optimizer_steps = total_steps * config.ppo_epochs * (sizes.rollout // sizes.minibatch)
@@ -941,105 +918,79 @@ def train(config: PPOConfig, dist) -> dict[str, Any]:
                                   min_lr_ratio=config.min_lr_ratio)
     kl_ctl = rl.make_kl_controller(config.kl_coef, config.kl_target or None, config.kl_horizon)
     log.info("ppo: %d rank(s), %d steps (%s) of %d prompts, %d optimizer steps, %s trainable parameters; "
-             "%s", dist.world_size, total_steps, "+".join(map(str, plan)), config.rollout_batch, optimizer_steps,
+             "%s", ranks.world_size, total_steps, "+".join(map(str, plan)), config.rollout_batch, optimizer_steps,
              f"{sum(p.numel() for p in model.trainable):,}",
              "one shared base" if model.critic_lm is None else "two bases (policy / reward+value)")
-
-    # -- resume ---------------------------------------------------------------------------
-    step, epoch, epoch_step, reader_state = 0, 0, 0, None
-    if config.resume:
-        folder = launch.latest_checkpoint(ckpt_root)
-        if folder is None:
-            log.warning("--resume: no checkpoint under %s; starting from the beginning", ckpt_root)
-        else:
-            state, rank_state = launch.load_checkpoint(folder, engine=engine, dist=dist)
-            check_resumable(state, config, folder)
-            step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
-            kl_ctl.load_state_dict(state["kl_controller"])
-            reader_state = rank_state["reader"]
-            log.info("resumed %s: step %d, prompt epoch %d, β %.4f", folder, step, epoch, kl_ctl.value)
-
-    metrics_file = out / "metrics.jsonl"
+    step, epoch, epoch_step, loader_state = 0, 0, 0, None
+    resumed = run.resume(engine)
+    if resumed is not None:
+        state, rank_state = resumed
+        step, epoch, epoch_step, loader_state = (state["step"], state["epoch"], state["epoch_step"],
+                                                 rank_state["loader"])
+        kl_ctl.load_state_dict(state["kl_controller"])
     last: dict[str, Any] | None = None
-    stopped, started, first_step = False, time.perf_counter(), step
-    prepare = PromptPreparer(model.tokenizer, config.max_length, config.max_new_tokens)
+    stopped, first_step = False, step
+    prepare = PromptPreparer(model.tokenizer, config.max_length, config.max_new_tokens, config.on_error)
 
     # -- the loop: prompt epochs, PPO steps ---------------------------------------------------
     for e in range(epoch, len(plan)):
         if e != epoch:
-            epoch_step, reader_state = 0, None
-        reader = make_reader(config, e, dist, sizes.rollout, prepare)
-        if reader_state is not None:
-            reader.load_state_dict(reader_state)
-        prompts = iter(reader)
-        try:
-            while epoch_step < plan[e]:
-                if config.max_steps and step >= config.max_steps:
-                    stopped = True
-                    break
-                samples = [next(prompts) for _ in range(sizes.rollout)]
-                ro, times = rollout(model, samples, config, sizes, step=step, rank=dist.rank, device=dist.device,
-                                    kl_coef=kl_ctl.value, all_reduce=_all_reduce_sum)
-                t0 = time.perf_counter()
-                train_sums = ppo_step(engine, model, ro, config, sizes, step=step, rank=dist.rank, device=dist.device)
-                times["train"] = time.perf_counter() - t0
-                kl_used = kl_ctl.value
-                step += 1
-                epoch_step += 1
-                last = log_metrics(step, total_steps, ro, train_sums, times, kl_used, dist, started, first_step)
-                kl_ctl.update(last["kl"], n_steps=config.rollout_batch)  # every rank: the same all-reduced KL
-                if dist.is_main:
-                    with open(metrics_file, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(last) + "\n")
-                is_last = e == len(plan) - 1 and epoch_step == plan[e]
-                if (config.save_every and step % config.save_every == 0) or is_last:
-                    state = {"format": STATE_FORMAT, "step": step, "epoch": e, "epoch_step": epoch_step,
-                             "kl_controller": kl_ctl.state_dict(), "world_size": dist.world_size,
-                             "config": cfg.to_dict(config), "prompts": dict(prepare.counts)}
-                    launch.save_checkpoint(ckpt_root, step, engine=engine, model=model, trainer_state=state,
-                                           rank_state={"reader": reader.state_dict()}, dist=dist,
-                                           keep=config.keep_checkpoints)
-        finally:
-            prompts.close()
-        report_epoch(e, reader, prepare, dist)
+            epoch_step, loader_state = 0, None
+        reader = make_reader(config, e, ranks, sizes.rollout, prepare)
+        loader = make_loader(reader, sizes)
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+        prompts = iter(loader)
+        while epoch_step < plan[e]:
+            if config.stop_after_steps and step >= config.stop_after_steps:
+                stopped = True
+                break
+            samples = next(prompts)
+            ro, times = rollout(model, samples, config, sizes, step=step, rank=ranks.rank, device=ranks.device,
+                                kl_coef=kl_ctl.value)
+            t0 = time.perf_counter()
+            train_sums = ppo_step(engine, model, ro, config, sizes, step=step, rank=ranks.rank, device=ranks.device)
+            times["train"] = time.perf_counter() - t0
+            kl_used = kl_ctl.value
+            step += 1
+            epoch_step += 1
+            last = log_metrics(run, step, total_steps, ro, train_sums, times, kl_used, step - first_step)
+            kl_ctl.update(last["kl"], n_steps=config.rollout_batch)  # every rank: the same all-reduced KL
+            if (config.save_every and step % config.save_every == 0) or step == total_steps:
+                run.save(step, engine=engine, model=model,
+                         trainer_state={"epoch": e, "epoch_step": epoch_step, "kl_controller": kl_ctl.state_dict(),
+                                        "prompts": dict(prepare.counts)},
+                         rank_state={"loader": loader.state_dict()})
+        report_epoch(e, reader, prepare, ranks)
         if stopped:
             break
 
+    run.close()
     summary = {"steps": step, "total_steps": total_steps, "stopped_early": stopped, "last": last, "model": None}
     if not stopped:
-        summary["model"] = str(launch.save_final_model(model, out / "model", dist))
+        summary["model"] = str(launch.save_final_model(model, run.model_dir, ranks))
     return summary
 
 
-def check_resumable(state: dict[str, Any], config: PPOConfig, folder: Path) -> None:
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{folder}: not a PPO checkpoint (format {state.get('format')!r})")
-    saved, now = state["config"], cfg.to_dict(config)
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in PLAN_FIELDS if saved.get(k) != now.get(k)]
-    if diff:
-        raise ValueError(f"{folder}: cannot resume with different plan settings:\n  " + "\n  ".join(diff))
-
-
-def report_epoch(epoch: int, reader, prepare: PromptPreparer, dist) -> None:
-    """Log, summed over ranks, the prompts left out (too long) and what the reader skipped."""
-    from train import launch
-
+def report_epoch(epoch: int, reader, prepare: PromptPreparer, ranks) -> None:
+    """Log, summed over ranks, the prompts left out (too long, non-finite features) and what the reader skipped."""
     stats = reader.stats()
-    fit, too_long, substituted, skipped = launch.all_sum(
-        [prepare.counts["fit"], prepare.counts["too_long"], stats["substituted"], stats["skipped_total"]])
-    if dist.is_main:
-        log.info("prompt epoch %d: of the prompts read (the reader reads ahead), %d fit and %d were left out as "
-                 "too long; reader skipped %d (their %d slots repeat an earlier prompt)", epoch, fit, too_long,
-                 skipped, substituted)
+    fit, too_long, non_finite, substituted, skipped = dist.all_sum(
+        [prepare.counts["fit"], prepare.counts["too_long"], prepare.counts["non_finite"], stats["substituted"],
+         stats["skipped_total"]])
+    if ranks.is_main:
+        log.info("prompt epoch %d: of the prompts read (the reader reads ahead), %d fit, %d were left out as "
+                 "too long, %d for non-finite features; reader skipped %d (their %d slots repeat an earlier "
+                 "prompt)", epoch, fit, too_long, non_finite, skipped, substituted)
 
 
 def main(argv: list[str] | None = None, prog: str = "train/ppo.py") -> int:
     from train import launch
 
-    config, dist, summary = launch.run_recipe(PPOConfig, train, argv, prog)
-    if dist.is_main:
+    config, ranks, summary = launch.run_recipe(PPOConfig, train, argv, prog)
+    if ranks.is_main:
         log.info("ppo: %d/%d steps%s; model: %s", summary["steps"], summary["total_steps"],
-                 " (stopped at --max-steps)" if summary["stopped_early"] else "", summary["model"])
+                 " (stopped at --stop-after-steps)" if summary["stopped_early"] else "", summary["model"])
     return 0
 
 

@@ -14,12 +14,15 @@ margined (``--confidence margin``) by the judge's confidence |judge.margin| ∈ 
 with the judge's ``soft_label`` (probability that "chosen" is better) where it set one.
 With ``--context narrative`` the narrative goes into the prompt, after ``<video>``.
 
-Held-out pairs: ``--eval-last-shards N`` keeps the last N shards of the stages out of
-training (the split is written as two manifests under ``OUTPUT/split/``), or
-``--eval-shards FOLDER`` names a separate set. Pairwise accuracy, mean margin
+Held-out pairs: ``--eval-fraction F`` holds out a share F of the videos, drawn with
+``--seed``, with all their pairs, so no video is on both sides (the two parts are written as
+shard sets under ``OUTPUT/split/train`` and ``OUTPUT/split/heldout``); or ``--eval-shards
+FOLDER`` names a separate set. (Holding out the last shards instead would hold out the
+longest answers, since pairs keep the length order, and share videos with training.) Pairwise accuracy, mean margin
 (r_chosen − r_rejected) and the chosen/rejected score means are logged every
 ``--eval-every`` steps and at the end (``OUTPUT/eval.jsonl``), and printed by
-``vlmr eval rm``. After training, the mean/std of the final model's scores on the chosen
+``vlmr eval rm``, with the accuracy on soft-labelled pairs (where the judge was unsure) and
+on the others apart. After training, the mean/std of the final model's scores on the chosen
 and rejected responses of the training pairs (SFT responses; up to ``--stats-max-pairs``
 pairs) are saved with the model (``reward_model.json``) so PPO can normalise rewards.
 
@@ -39,7 +42,7 @@ Run it::
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 train/rm.py --config train/configs/rm_tiny.yaml
     deepspeed --num_gpus 8 train/rm.py --config my.yaml --zero-stage 2 --precision bf16
     vlmr train rm --config train/configs/rm_tiny.yaml --resume        # continue the latest checkpoint
-    vlmr eval rm --model runs/rm/model --shards shards/pairs --last-shards 1
+    vlmr eval rm --model runs/rm/model --shards runs/rm/split/heldout
 
 On a machine without CUDA it runs on DeepSpeed's CPU accelerator over gloo (give each rank
 one thread with OMP_NUM_THREADS when ranks share cores).
@@ -54,15 +57,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 from dataengine import config as cfg
+from train.trainer_config import SupervisedConfig, budget
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "vlmr-rm-state/1"
 # Settings a resumed run must share with the checkpoint: they fix the data order, the split and the model.
-PLAN_FIELDS = ("shards", "stages", "eval_shards", "eval_last_shards", "epochs", "micro_batch", "grad_accum",
+PLAN_FIELDS = ("shards", "stages", "eval_shards", "eval_fraction", "max_steps", "epochs", "micro_batch", "grad_accum",
                "shuffle", "window", "seed", "max_length", "length_policy", "context", "confidence",
                "margin_scale", "soft_labels", "model", "lora_r", "lora_alpha", "qlora", "train_projector")
 SUM_KEYS = ("loss_sum", "loss_count", "pairs", "correct", "margin_sum", "chosen_sum", "rejected_sum",
@@ -70,8 +74,10 @@ SUM_KEYS = ("loss_sum", "loss_count", "pairs", "correct", "margin_sum", "chosen_
 
 
 @dataclass
-class RMConfig:
+class RMConfig(SupervisedConfig):
     """Reward model (Bradley–Terry) from preference shards, on DeepSpeed."""
+
+    NAME: ClassVar[str] = "rm"
 
     shards: str = "shards/pairs"
     """Preference shards made by `vlmr judge`: folder or manifest.json, local or URL (s3://, https://)."""
@@ -101,42 +107,23 @@ class RMConfig:
     """Passes over the training pairs (paper: 1)."""
     micro_batch: int = 4
     """Pairs per rank per forward pass (twice as many sequences)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (global batch = micro_batch x grad_accum x ranks pairs)."""
     lr: float = 2e-5
     """Peak learning rate (AdamW; public code: 2e-5)."""
-    min_lr_ratio: float = 0.0
-    """Final LR as a fraction of the peak (cosine decay)."""
-    warmup_ratio: float = 0.03
-    """Share of all steps spent in linear warmup."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (not on biases and norms)."""
-    grad_clip: float = 1.0
-    """Gradient norm clipping (0 turns it off)."""
-    max_length: int = 2048
-    """Longest sequence (prompt + response, video rows included) the model sees."""
     length_policy: Literal["skip", "truncate"] = "skip"
     """Too-long pairs: leave the pair out, or cut the too-long response(s) to fit (EOS kept); both counted."""
     lora_r: int = 32
     """LoRA rank for a base LM (an SFT model keeps its own adapter settings)."""
     lora_alpha: int = 32
     """LoRA alpha for a base LM. (No dropout option: a reward model's scores must be deterministic.)"""
-    qlora: bool = False
-    """Load the base LM 4-bit nf4 (bitsandbytes) under the LoRA adapters."""
     train_projector: bool = True
     """Train the projector with the adapter and head (else it stays as the SFT model's)."""
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage 0-3 (QLoRA: 0-2)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Compute precision (bf16: base weights and DeepSpeed in bfloat16)."""
     shuffle: Literal["window", "none", "stage"] = "stage"
     """Reader shuffle of the training pairs (pairs have no curriculum order: 'stage' is a full shuffle)."""
-    window: int = 64
-    """Samples per shuffle window (--shuffle window)."""
     eval_shards: str = ""
     """Held-out preference shards (a separate set with the same stages)."""
-    eval_last_shards: int = 0
-    """Or: hold out the last N shards of the stages (in manifest order) from training."""
+    eval_fraction: float = 0.0
+    """Or: hold out this share of the videos (all pairs of a held-out video, none of it in training),
+    drawn with --seed; the two parts are written as shard sets under OUTPUT/split/."""
     eval_every: int = 0
     """Evaluate on the held-out pairs every N optimizer steps (0: only at the end)."""
     eval_batch: int = 8
@@ -145,49 +132,20 @@ class RMConfig:
     """Held-out pairs evaluated (0: all)."""
     stats_max_pairs: int = 1024
     """Training pairs whose chosen and rejected responses give the saved reward mean/std (0: all)."""
-    on_error: Literal["raise", "skip"] = "raise"
-    """Corrupt shard data or malformed pairs: stop naming the shard and key, or skip and count them."""
-    seed: int = 0
-    """Seeds the LoRA/projector/head initialisation and the reader's shuffle."""
-    save_every: int = 0
-    """Write a checkpoint every N optimizer steps (0: only at the end)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk (0 keeps all)."""
-    resume: bool = False
-    """Continue from OUTPUT/checkpoints/latest (same ranks and plan settings)."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps, as an interrupted run would: nothing is saved at the
-    stop (0: all epochs). The LR schedule still spans the whole run, so --resume carries on."""
-    log_every: int = 1
-    """Metrics line every N steps (rank 0)."""
-    log_keys: bool = False
-    """Write the sample keys each rank trains on, per step, to OUTPUT/keys/rank-N.tsv (audit)."""
 
-    def __post_init__(self) -> None:
-        p: list[str] = []
-        cfg.check(p, bool(self.stages), "--stages: at least one stage")
+    def problems(self) -> list[str]:
+        p = super().problems()
         cfg.check(p, self.epochs >= 1, "--epochs must be >= 1")
-        cfg.check(p, self.micro_batch >= 1 and self.grad_accum >= 1, "--micro-batch and --grad-accum must be >= 1")
-        cfg.check(p, self.lr > 0, "--lr must be > 0")
-        cfg.check(p, 0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
-        cfg.check(p, 0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
-        cfg.check(p, self.weight_decay >= 0 and self.grad_clip >= 0, "--weight-decay and --grad-clip must be >= 0")
         cfg.check(p, self.centre_coef >= 0 and self.margin_scale >= 0, "--centre-coef and --margin-scale must be >= 0")
-        cfg.check(p, self.max_length >= 2, "--max-length must be >= 2")
         cfg.check(p, self.lora_r >= 1 and self.lora_alpha > 0, "--lora-r must be >= 1, --lora-alpha > 0")
-        cfg.check(p, self.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0..3, got {self.zero_stage}")
-        cfg.check(p, not (self.qlora and self.zero_stage == 3),
-                  "--qlora with --zero-stage 3: ZeRO-3 cannot partition 4-bit weights; use 0-2")
-        cfg.check(p, self.window >= 1 and self.feat_dim >= 0, "--window must be >= 1, --feat-dim >= 0")
-        cfg.check(p, not (self.eval_shards and self.eval_last_shards),
-                  "give --eval-shards or --eval-last-shards, not both")
-        cfg.check(p, min(self.eval_last_shards, self.eval_every, self.eval_max_pairs, self.stats_max_pairs) >= 0,
-                  "--eval-last-shards, --eval-every, --eval-max-pairs and --stats-max-pairs must be >= 0")
+        cfg.check(p, self.feat_dim >= 0, "--feat-dim must be >= 0")
+        cfg.check(p, 0 <= self.eval_fraction < 1, "--eval-fraction must be in [0, 1)")
+        cfg.check(p, not (self.eval_shards and self.eval_fraction),
+                  "give --eval-shards or --eval-fraction, not both")
+        cfg.check(p, min(self.eval_every, self.eval_max_pairs, self.stats_max_pairs) >= 0,
+                  "--eval-every, --eval-max-pairs and --stats-max-pairs must be >= 0")
         cfg.check(p, self.eval_batch >= 1, "--eval-batch must be >= 1")
-        cfg.check(p, self.save_every >= 0 and self.keep_checkpoints >= 0 and self.max_steps >= 0,
-                  "--save-every, --keep-checkpoints and --max-steps must be >= 0")
-        cfg.check(p, self.log_every >= 1, "--log-every must be >= 1")
-        cfg.raise_problems(p, "rm settings")
+        return p
 
 
 @dataclass
@@ -197,10 +155,8 @@ class EvalRMConfig:
     model: str = "runs/rm/model"
     """A reward model folder written by `vlmr train rm` (OUTPUT/model, or a checkpoint's model/)."""
     shards: str = ""
-    """Preference shards to evaluate on."""
+    """Preference shards to evaluate on (e.g. OUTPUT/split/heldout of `vlmr train rm --eval-fraction`)."""
     stages: list[str] = field(default_factory=lambda: ["pairs"])
-    last_shards: int = 0
-    """Evaluate only the last N shards of the stages (the split of `vlmr train rm --eval-last-shards N`)."""
     batch_size: int = 8
     """Pairs per forward pass."""
     max_pairs: int = 0
@@ -216,7 +172,7 @@ class EvalRMConfig:
         p: list[str] = []
         cfg.check(p, bool(self.shards), "--shards: the preference shards to evaluate on are required")
         cfg.check(p, bool(self.stages), "--stages: at least one stage")
-        cfg.check(p, self.last_shards >= 0 and self.max_pairs >= 0, "--last-shards and --max-pairs must be >= 0")
+        cfg.check(p, self.max_pairs >= 0, "--max-pairs must be >= 0")
         cfg.check(p, self.batch_size >= 1, "--batch-size must be >= 1")
         cfg.raise_problems(p, "eval rm settings")
 
@@ -232,40 +188,65 @@ class Phase:
 
 # ---------------------------------------------------------------------------- data
 
-def split_last_shards(source: str, stages: list[str], count: int, folder: Path) -> tuple[str, str]:
-    """Write two manifests under ``folder``: all but the last ``count`` shards of ``stages``
-    (``train/``) and those last shards (``heldout/``); shard URLs are made absolute.
+def heldout_videos(video_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """A seeded ``fraction`` of the distinct videos (at least one, never all): the held-out ones.
 
-    Returns the two manifest paths. Every stage is kept in both (possibly empty).
-    """
-    from dataengine.schema import MANIFEST_NAME, Manifest, ShardInfo, StageInfo
-    from dataengine.sources import local_path, open_manifest
+    Depends only on the set of ids, the fraction and the seed (not on their order)."""
+    import numpy as np
 
-    if source.startswith("pipe:"):
-        raise ValueError(f"{source}: --eval-last-shards cannot split a pipe: source; use --eval-shards")
-    where, manifest = open_manifest(source)
-    url = where.url
-    listed = [(name, shard) for name in stages for shard in manifest.stage(name).shards]
-    if count >= len(listed):
-        raise ValueError(f"{url}: --eval-last-shards {count} leaves no training shard "
-                         f"(stages {stages} have {len(listed)} shard(s))")
-    held = {id(shard) for _, shard in listed[len(listed) - count:]}
+    videos = sorted(set(video_ids))
+    if len(videos) < 2:
+        raise ValueError(f"--eval-fraction needs pairs of at least 2 videos, found {len(videos)}")
+    count = min(len(videos) - 1, max(1, round(fraction * len(videos))))
+    order = np.random.default_rng([seed, 0x5E1EC7]).permutation(len(videos))
+    return {videos[i] for i in order[:count]}
 
-    def absolute(shard: ShardInfo) -> ShardInfo:
-        full = where.resolve(shard.url)
-        if local_path(full) is not None:  # the split manifests live elsewhere: no relative paths
-            full = os.path.abspath(local_path(full))
-        return ShardInfo(**{**shard.__dict__, "url": full})
 
+def split_by_video(source: str, stages: list[str], fraction: float, seed: int, folder: Path,
+                   on_error: str = "raise") -> tuple[str, str]:
+    """Write the pairs of ``stages`` as two shard sets, ``folder/train`` and ``folder/heldout``:
+    all pairs of a seeded ``fraction`` of the videos are held out, so no video is on both sides.
+
+    The pairs keep their stream order and their ``json`` and ``feat`` members (what the reward
+    model reads). Returns the two manifest paths."""
+    from dataengine.pack import ShardWriter
+    from dataengine.reader import ShardReader
+    from dataengine.schema import MANIFEST_NAME, Manifest
+
+    def pairs():
+        return ShardReader(source, stages=stages, shuffle="none", fields=("json", "feat"), on_error=on_error)
+
+    ids = []
+    for sample in ShardReader(source, stages=stages, shuffle="none", fields=("json",), on_error=on_error):
+        video = sample["json"].get("video_id")
+        if not isinstance(video, str) or not video:
+            raise ValueError(f"{sample.get('shard')}, key {sample.get('key')!r}: no video_id to split by")
+        ids.append(video)
+    held = heldout_videos(ids, fraction, seed)
+    counts = {"train": 0, "heldout": 0}
+    writers = {part: {name: ShardWriter(folder / part, name) for name in stages} for part in counts}
+    try:
+        for sample in pairs():
+            if sample.get("substitute_for"):
+                continue  # on_error=skip: the reader's stand-in for an unreadable pair
+            part = "heldout" if sample["json"]["video_id"] in held else "train"
+            writers[part][sample["stage"]].write({"__key__": sample["key"], "json": sample["json"],
+                                                  "feat.npy": sample["feat"].numpy()})
+            counts[part] += 1
+    except BaseException:
+        for part in writers.values():
+            for writer in part.values():
+                writer.abort()
+        raise
     paths = []
-    for part, keep in (("train", lambda s: id(s) not in held), ("heldout", lambda s: id(s) in held)):
-        part_stages = [StageInfo(name=name, shards=[absolute(s) for s in manifest.stage(name).shards if keep(s)])
-                       for name in stages]
-        sub = Manifest(settings={**manifest.settings, "split": {"part": part, "last_shards": count}},
-                       samples=sum(s.samples for s in part_stages), failures=0, stages=part_stages,
-                       derived_from=url)
-        sub.save(folder / part)
+    for part, by_stage in writers.items():
+        infos = [writer.close() for writer in by_stage.values()]
+        Manifest(settings={"split": {"part": part, "by": "video_id", "fraction": fraction, "seed": seed,
+                                     "videos": len(held) if part == "heldout" else len(set(ids)) - len(held)}},
+                 samples=counts[part], stages=infos, derived_from=str(source)).save(folder / part)
         paths.append(str(folder / part / MANIFEST_NAME))
+    log.info("held out %d of %d videos: %d pairs for training, %d held out", len(held), len(set(ids)),
+             counts["train"], counts["heldout"])
     return paths[0], paths[1]
 
 
@@ -323,8 +304,12 @@ class PairPreparer:
 
     def _prepare(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         from train.conversation import spliced_length
+        from train.finite import check_features
         from train.reward import as_prompt, encode_response, with_narrative
 
+        if not check_features(sample, self.config.on_error):
+            self.counts["non_finite"] += 1
+            return None
         data = sample["json"]
         prompt = as_prompt(data["conversations"])
         responses = [data["chosen"], data["rejected"]]
@@ -355,7 +340,10 @@ class PairPreparer:
                 return None
             ids.append(row)
         self.counts["truncated" if cut else "fit"] += 1
-        return dict(sample, chosen_ids=ids[0], rejected_ids=ids[1], weight=weight, margin=margin, label=label)
+        judge = data.get("judge")
+        soft = isinstance(judge, dict) and judge.get("soft_label") is not None
+        return dict(sample, chosen_ids=ids[0], rejected_ids=ids[1], weight=weight, margin=margin, label=label,
+                    soft=soft)
 
 
 def make_reader(source: str, config: RMConfig, epoch: int, dist, prepare=None, *, evaluation: bool = False):
@@ -366,15 +354,16 @@ def make_reader(source: str, config: RMConfig, epoch: int, dist, prepare=None, *
     if evaluation:
         return ShardReader(source, stages=config.stages, rank=dist.rank, world_size=dist.world_size,
                            batch_size=1, shuffle="none", remainder="repeat", fields=("json", "feat"),
-                           on_error=config.on_error, guard=prepare)
+                           on_error=config.on_error, verify=config.verify, guard=prepare)
     return ShardReader(source, stages=config.stages, rank=dist.rank, world_size=dist.world_size,
                        batch_size=config.micro_batch, shuffle=config.shuffle, window=config.window,
                        seed=config.seed, epoch=epoch, fields=("json", "feat"), on_error=config.on_error,
-                       guard=prepare)
+                       verify=config.verify, guard=prepare)
 
 
 def plan_epochs(source: str, config: RMConfig, dist) -> list[Phase]:
-    """Epochs with their step counts, from the manifest alone (no tar is opened)."""
+    """Epochs with their step counts, from the manifest alone (no tar is opened), cut to
+    ``max_steps`` in all."""
     per_step = config.micro_batch * config.grad_accum
     phases = []
     for epoch in range(config.epochs):
@@ -383,7 +372,8 @@ def plan_epochs(source: str, config: RMConfig, dist) -> list[Phase]:
     if phases[0].steps == 0:
         raise ValueError(f"{source}: stages {config.stages} give no full step of {per_step} pairs per rank "
                          f"on {dist.world_size} rank(s) ({phases[0].samples_per_rank} per rank)")
-    return phases
+    steps = budget([p.steps for p in phases], config.max_steps)
+    return [Phase(p.epoch, p.samples_per_rank, n) for p, n in zip(phases, steps) if n]
 
 
 def feat_width(source: str, config: RMConfig) -> int:
@@ -416,13 +406,24 @@ def collate_pairs(samples: list[dict[str, Any]], pad_token_id: int, video_token_
         "weight": torch.tensor([float(s["weight"]) for s in samples]),
         "margin": torch.tensor([float(s["margin"]) for s in samples]),
         "label": torch.tensor([float(s["label"]) for s in samples]),
+        "soft": torch.tensor([bool(s.get("soft")) for s in samples]),
+        "shards": [s.get("shard", "") for s in samples],
         "tokens": sum(spliced_length(len(r), r.count(video_token_id), f.shape[0]) for r, f in zip(rows, feats)),
         "keys": [s.get("key", "") for s in samples],
     }
 
 
+def make_loader(reader, config: RMConfig, ids: dict[str, int]):
+    """Batches of ``micro_batch`` consecutive pairs through torchdata's ``StatefulDataLoader``
+    (its ``state_dict()``, the reader's position inside it, is what a checkpoint stores)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    return StatefulDataLoader(reader, batch_size=config.micro_batch, num_workers=0,
+                              collate_fn=lambda chunk: collate_pairs(chunk, **ids))
+
+
 def batches_of(samples: Iterator[dict[str, Any]], size: int, collate) -> Iterator[dict[str, Any]]:
-    """Batches of ``size`` consecutive samples (a short last one only when the stream ends early)."""
+    """Batches of ``size`` consecutive samples (a short last one when the stream ends)."""
     chunk: list[dict[str, Any]] = []
     try:
         for sample in samples:
@@ -465,8 +466,12 @@ def pair_loss(scores, batch: dict[str, Any], config: RMConfig):
                   "rejected_sum": float(rr.detach().sum())}
 
 
-def train_step(engine, batches: Iterator[dict[str, Any]], config: RMConfig, device) -> dict[str, Any]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns this rank's sums."""
+def train_step(engine, batches: Iterator[dict[str, Any]], config: RMConfig, ranks, step: int) -> dict[str, Any]:
+    """Optimizer step ``step`` over ``grad_accum`` micro-batches; returns this rank's sums.
+    A non-finite loss stops the run, naming the batch's shards and keys."""
+    from train.finite import check_loss
+
+    device = ranks.device
     sums: dict[str, Any] = dict.fromkeys(SUM_KEYS, 0.0)
     keys: list[str] = []
     for _ in range(config.grad_accum):
@@ -476,6 +481,7 @@ def train_step(engine, batches: Iterator[dict[str, Any]], config: RMConfig, devi
         feat = batch["feat"].to(device) if hasattr(batch["feat"], "to") else [f.to(device) for f in batch["feat"]]
         scores = engine(batch["input_ids"].to(device), feat, batch["attention_mask"].to(device))
         loss, stats = pair_loss(scores, batch, config)
+        check_loss(loss, step=step, rank=ranks.rank, keys=batch["keys"], shards=batch["shards"])
         engine.backward(loss)
         engine.step()
         if stats["pairs"]:
@@ -489,38 +495,29 @@ def train_step(engine, batches: Iterator[dict[str, Any]], config: RMConfig, devi
     return sums
 
 
-class StepMetrics:
-    """Rank 0's one line per logged step; ``update`` is called on every rank (it all-reduces)."""
+def log_metrics(run, step: int, total_steps: int, epoch: int, lr: float, window: dict[str, float], done_here: int
+                ) -> dict[str, Any]:
+    """The window's sums over ranks; rank 0 writes the line ``step | epoch | loss | acc | margin |
+    chosen | rejected | lr | pairs/s | tok/s | data-wait | eta`` and the metrics (every rank calls it)."""
+    from dataengine import dist
+    from train.runs import metrics_line
 
-    def __init__(self, dist, total_steps: int):
-        self.dist = dist
-        self.total_steps = total_steps
-        self.start = self.window_start = time.perf_counter()
-        self.steps_timed = 0
-
-    def update(self, *, step: int, epoch: int, lr: float, window: dict[str, float], steps: int) -> dict[str, Any] | None:
-        from train import launch
-
-        s = dict(zip(SUM_KEYS, launch.all_sum([window[k] for k in SUM_KEYS])))
-        now = time.perf_counter()
-        elapsed, self.window_start = now - self.window_start, now
-        self.steps_timed += steps
-        if not self.dist.is_main:
-            return None
-        pairs = max(s["pairs"], 1.0)
-        per_step = (now - self.start) / max(1, self.steps_timed)
-        m = {"step": step, "epoch": epoch, "loss": s["loss_sum"] / max(s["loss_count"], 1),
-             "accuracy": s["correct"] / pairs, "margin": s["margin_sum"] / pairs,
-             "chosen": s["chosen_sum"] / pairs, "rejected": s["rejected_sum"] / pairs, "lr": lr,
-             "pairs_per_s": s["pairs"] / elapsed if elapsed > 0 else 0.0,
-             "tokens_per_s": s["tokens"] / elapsed if elapsed > 0 else 0.0,
-             "data_wait": s["data_wait"] / self.dist.world_size / elapsed if elapsed > 0 else 0.0,
-             "eta_s": per_step * (self.total_steps - step)}
-        log.info("step %d/%d | epoch %d | loss %.4f | acc %.3f | margin %+.3f | chosen %+.3f | rejected %+.3f | "
-                 "lr %.2e | pairs/s %.1f | tok/s %s | data-wait %.1f%% | eta %s", step, self.total_steps, epoch,
-                 m["loss"], m["accuracy"], m["margin"], m["chosen"], m["rejected"], lr, m["pairs_per_s"],
-                 f"{m['tokens_per_s']:,.0f}", 100 * m["data_wait"], launch.format_duration(m["eta_s"]))
-        return m
+    s = dict(zip(SUM_KEYS, dist.all_sum([window[k] for k in SUM_KEYS])))
+    elapsed = run.lap()
+    pairs = max(s["pairs"], 1.0)
+    m = {"step": step, "epoch": epoch, "loss": s["loss_sum"] / max(s["loss_count"], 1),
+         "accuracy": s["correct"] / pairs, "margin": s["margin_sum"] / pairs,
+         "chosen": s["chosen_sum"] / pairs, "rejected": s["rejected_sum"] / pairs, "lr": lr,
+         "pairs_per_s": s["pairs"] / elapsed if elapsed > 0 else 0.0,
+         "tokens_per_s": s["tokens"] / elapsed if elapsed > 0 else 0.0,
+         "data_wait": s["data_wait"] / run.ranks.world_size / elapsed if elapsed > 0 else 0.0,
+         "eta_s": run.eta(done_here, step, total_steps)}
+    run.log(m, metrics_line(step, total_steps, [
+        f"epoch {epoch}", f"loss {m['loss']:.4f}", f"acc {m['accuracy']:.3f}", f"margin {m['margin']:+.3f}",
+        f"chosen {m['chosen']:+.3f}", f"rejected {m['rejected']:+.3f}", f"lr {lr:.2e}",
+        f"pairs/s {m['pairs_per_s']:.1f}", f"tok/s {m['tokens_per_s']:,.0f}",
+        f"data-wait {100 * m['data_wait']:.1f}%"], m["eta_s"]))
+    return m
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -537,12 +534,12 @@ def score_pairs(model, reader, *, batch_size: int, limit: int, device, rank: int
     """
     import torch
 
-    from train import launch
+    from dataengine import dist
 
     total = min(reader.total, limit) if limit else reader.total
     per_rank = -(-total // world_size)
     keys = ("pairs", "skipped", "correct", "margin_sum", "chosen_sum", "rejected_sum", "chosen_sq",
-            "rejected_sq", "nll_sum")
+            "rejected_sq", "nll_sum", "soft_pairs", "soft_correct")
     sums = dict.fromkeys(keys, 0.0)
 
     def counted(samples):
@@ -576,15 +573,23 @@ def score_pairs(model, reader, *, batch_size: int, limit: int, device, rank: int
                 sums["chosen_sq"] += float((rc * rc).sum())
                 sums["rejected_sq"] += float((rr * rr).sum())
                 sums["nll_sum"] += float(-torch.nn.functional.logsigmoid(d).sum())
+                soft = batch["soft"][use]
+                sums["soft_pairs"] += float(soft.sum())
+                sums["soft_correct"] += float((d[soft] > 0).sum() + 0.5 * (d[soft] == 0).sum())
     finally:
         model.train(was_training)
-    return dict(zip(keys, launch.all_sum([sums[k] for k in keys])))
+    return dict(zip(keys, dist.all_sum([sums[k] for k in keys])))
 
 
 def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
-    """Pairwise accuracy (ties count half), mean margin r_c − r_r, chosen/rejected means, BT loss."""
+    """Pairwise accuracy (ties count half), mean margin r_c − r_r, chosen/rejected means, BT loss;
+    and the accuracy on the soft-labelled pairs (the judge was unsure) and on the others apart
+    (None where there are none)."""
     n = max(sums["pairs"], 1.0)
+    soft, hard = sums.get("soft_pairs", 0.0), sums["pairs"] - sums.get("soft_pairs", 0.0)
     return {"pairs": int(sums["pairs"]), "skipped": int(sums["skipped"]), "accuracy": sums["correct"] / n,
+            "soft_pairs": int(soft), "accuracy_soft": sums["soft_correct"] / soft if soft else None,
+            "accuracy_hard": (sums["correct"] - sums["soft_correct"]) / hard if hard else None,
             "margin": sums["margin_sum"] / n, "chosen": sums["chosen_sum"] / n,
             "rejected": sums["rejected_sum"] / n, "loss": sums["nll_sum"] / n}
 
@@ -592,6 +597,9 @@ def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
 def format_eval(metrics: dict[str, float]) -> str:
     return (f"pairs {metrics['pairs']} | acc {metrics['accuracy']:.3f} | margin {metrics['margin']:+.3f} | "
             f"chosen {metrics['chosen']:+.3f} | rejected {metrics['rejected']:+.3f} | loss {metrics['loss']:.4f}"
+            + (f" | soft-labelled {metrics['soft_pairs']}: acc {metrics['accuracy_soft']:.3f}, others "
+               + (f"{metrics['accuracy_hard']:.3f}" if metrics["accuracy_hard"] is not None else "none")
+               if metrics.get("soft_pairs") else "")
             + (f" | left out {metrics['skipped']}" if metrics["skipped"] else ""))
 
 
@@ -618,57 +626,62 @@ def build_model(config: RMConfig, source: str):
     return model
 
 
-def prepare_sources(config: RMConfig, out: Path, dist) -> tuple[str, str | None]:
-    """The training and held-out shard sources (writing the split manifests on rank 0)."""
-    from train import launch
+def prepare_sources(config: RMConfig, out: Path, ranks) -> tuple[str, str | None]:
+    """The training and held-out shard sources (rank 0 writes the split by video)."""
+    from dataengine import dist
 
-    if config.eval_last_shards:
-        if dist.is_main:
-            split_last_shards(config.shards, config.stages, config.eval_last_shards, out / "split")
-        launch.barrier()
-        return str(out / "split" / "train" / "manifest.json"), str(out / "split" / "heldout" / "manifest.json")
+    if config.eval_fraction:
+        split = out / "split"
+        if ranks.is_main and not (config.resume and (split / "heldout" / "manifest.json").exists()):
+            split_by_video(config.shards, config.stages, config.eval_fraction, config.seed, split, config.on_error)
+        dist.barrier()
+        return str(split / "train" / "manifest.json"), str(split / "heldout" / "manifest.json")
     if not config.eval_shards:
-        log.warning("no held-out pairs (--eval-shards or --eval-last-shards): accuracy is not measured")
+        log.warning("no held-out pairs (--eval-shards or --eval-fraction): accuracy is not measured")
     return config.shards, config.eval_shards or None
 
 
-def train(config: RMConfig, dist) -> dict[str, Any]:
+WINDOW_KEYS = SUM_KEYS
+
+
+def train(config: RMConfig, ranks) -> dict[str, Any]:
     """Run (or resume) the training; returns a summary (steps, last metrics, held-out metrics, model path)."""
     import torch
 
     from dataengine.schema import write_text_atomic
     from train import launch
+    from train.runs import Run
 
-    out = Path(config.output)
-    ckpt_root = out / "checkpoints"
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(config), indent=1) + "\n")
+    run = Run.open(config, ranks, state_format=STATE_FORMAT, plan_fields=PLAN_FIELDS)
     torch.manual_seed(config.seed)
 
     # -- setup, in dependency order: data split, plan, model, engine ----------------------
-    train_source, eval_source = prepare_sources(config, out, dist)
-    phases = plan_epochs(train_source, config, dist)
+    train_source, eval_source = prepare_sources(config, run.root, ranks)
+    phases = plan_epochs(train_source, config, ranks)
     total_steps = sum(p.steps for p in phases)
     model, engine, scheduler = build_engine(config, train_source, total_steps)
     tokenizer = model.tokenizer
     ids = {"pad_token_id": model.lmm.pad_token_id, "video_token_id": model.lmm.video_token_id}
     log.info("rm: %d rank(s), %s, %d steps over %d epoch(s) of %d pairs per rank, %s trainable parameters",
-             dist.world_size, config.model, total_steps, len(phases), phases[0].samples_per_rank,
+             ranks.world_size, config.model, total_steps, len(phases), phases[0].samples_per_rank,
              f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
-    step, phase_index, phase_step, reader_state = resume_position(config, engine, dist, ckpt_root, phases)
+    step, phase_index, phase_step, loader_state = 0, 0, 0, None
+    resumed = run.resume(engine)
+    if resumed is not None:
+        state, rank_state = resumed
+        step, phase_index, phase_step, loader_state = (state["step"], state["phase"], state["phase_step"],
+                                                       rank_state["loader"])
 
     def evaluate(at_step: int) -> dict[str, Any] | None:
         if eval_source is None:
             return None
-        return evaluate_heldout(model, eval_source, config, dist, ids, at_step)
+        return evaluate_heldout(model, eval_source, config, ranks, ids, at_step)
 
-    metrics = StepMetrics(dist, total_steps)
-    keys_file = out / "keys" / f"rank-{dist.rank:05d}.tsv"
+    keys_file = run.root / "keys" / f"rank-{ranks.rank:05d}.tsv"
     if config.log_keys:
         keys_file.parent.mkdir(parents=True, exist_ok=True)
     last: dict[str, Any] | None = None
-    stopped = False
+    stopped, first_step = False, step
     counts: dict[str, Any] = {}
 
     # -- the epochs, under one LR schedule -----------------------------------------------
@@ -676,66 +689,57 @@ def train(config: RMConfig, dist) -> dict[str, Any]:
     for index in range(phase_index, len(phases)):
         phase = phases[index]
         if index != phase_index:
-            phase_step, reader_state = 0, None
+            phase_step, loader_state = 0, None
         if phase_step >= phase.steps:
             continue
         prepare = PairPreparer(tokenizer, config)
-        reader = make_reader(train_source, config, phase.epoch, dist, prepare)
-        if reader_state is not None:
-            reader.load_state_dict(reader_state)
-        batches = batches_of(iter(reader), config.micro_batch, lambda chunk: collate_pairs(chunk, **ids))
+        reader = make_reader(train_source, config, phase.epoch, ranks, prepare)
+        loader = make_loader(reader, config, ids)
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+        batches = iter(loader)
         window: dict[str, float] = dict.fromkeys(SUM_KEYS, 0.0)
-        window_steps = 0
-        try:
-            while phase_step < phase.steps:
-                if config.max_steps and step >= config.max_steps:
-                    stopped = True
-                    break
-                lr = scheduler.get_last_lr()[0]  # the LR this step uses
-                sums = train_step(engine, batches, config, dist.device)
-                step += 1
-                phase_step += 1
-                window_steps += 1
-                for k in SUM_KEYS:
-                    window[k] += sums[k]
-                if config.log_keys:
-                    with open(keys_file, "a", encoding="utf-8") as f:
-                        f.write(f"{step}\t{phase.epoch}\t" + " ".join(sums["keys"]) + "\n")
-                if step % config.log_every == 0 or phase_step == phase.steps:
-                    last = metrics.update(step=step, epoch=phase.epoch, lr=lr, window=window, steps=window_steps)
-                    if last is not None:
-                        with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                            f.write(json.dumps(last) + "\n")
-                    window, window_steps = dict.fromkeys(SUM_KEYS, 0.0), 0
-                is_last = index == len(phases) - 1 and phase_step == phase.steps
-                if (config.save_every and step % config.save_every == 0) or is_last:
-                    state = {"format": STATE_FORMAT, "step": step, "phase": index, "phase_step": phase_step,
-                             "epoch": phase.epoch, "world_size": dist.world_size, "config": cfg.to_dict(config)}
-                    # Taken between steps: the reader has handed out exactly the pairs trained on.
-                    launch.save_checkpoint(ckpt_root, step, engine=engine, model=model, trainer_state=state,
-                                           rank_state={"reader": reader.state_dict()}, dist=dist,
-                                           keep=config.keep_checkpoints)
-                if config.eval_every and step % config.eval_every == 0 and not is_last:
-                    evaluate(step)
-        finally:
-            batches.close()
-        counts = report_epoch(phase, config, reader, prepare, dist, finished=not stopped)
+        while phase_step < phase.steps:
+            if config.stop_after_steps and step >= config.stop_after_steps:
+                stopped = True
+                break
+            lr = scheduler.get_last_lr()[0]  # the LR this step uses
+            sums = train_step(engine, batches, config, ranks, step + 1)
+            step += 1
+            phase_step += 1
+            for k in SUM_KEYS:
+                window[k] += sums[k]
+            if config.log_keys:
+                with open(keys_file, "a", encoding="utf-8") as f:
+                    f.write(f"{step}\t{phase.epoch}\t" + " ".join(sums["keys"]) + "\n")
+            if step % config.log_every == 0 or phase_step == phase.steps:
+                last = log_metrics(run, step, total_steps, phase.epoch, lr, window, step - first_step)
+                window = dict.fromkeys(SUM_KEYS, 0.0)
+            if (config.save_every and step % config.save_every == 0) or step == total_steps:
+                # Taken between steps: the loader has handed out exactly the pairs trained on.
+                run.save(step, engine=engine, model=model,
+                         trainer_state={"phase": index, "phase_step": phase_step, "epoch": phase.epoch},
+                         rank_state={"loader": loader.state_dict()})
+            if config.eval_every and step % config.eval_every == 0 and step != total_steps:
+                evaluate(step)
+        counts = report_epoch(phase, config, reader, prepare, ranks, finished=not stopped)
         if stopped:
             break
 
+    run.close()
     summary: dict[str, Any] = {"steps": step, "total_steps": total_steps, "stopped_early": stopped, "last": last,
                                "heldout": None, "stats": None, "model": None, "pairs": counts}
     if stopped:
         return summary
     # -- after training: held-out metrics, reward statistics, the final model -------------
     summary["heldout"] = evaluate(step)
-    stats = reward_statistics(model, train_source, config, dist, ids)
+    stats = reward_statistics(model, train_source, config, ranks, ids)
     summary["stats"] = stats.__dict__
     extra = {"heldout": summary["heldout"], "trained_from": config.model, "shards": config.shards, "steps": step}
     model.stats = stats
-    summary["model"] = str(launch.save_final_model(model, out / "model", dist, extra=extra))
-    if dist.is_main and summary["heldout"] is not None:
-        write_text_atomic(out / "eval.json", json.dumps(summary["heldout"], indent=1) + "\n")
+    summary["model"] = str(launch.save_final_model(model, run.model_dir, ranks, extra=extra))
+    if ranks.is_main and summary["heldout"] is not None:
+        write_text_atomic(run.root / "eval.json", json.dumps(summary["heldout"], indent=1) + "\n")
     return summary
 
 
@@ -752,23 +756,6 @@ def build_engine(config: RMConfig, source: str, total_steps: int):
         warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps,
         min_lr_ratio=config.min_lr_ratio)
     return model, engine, scheduler
-
-
-def resume_position(config: RMConfig, engine, dist, ckpt_root: Path, phases: list[Phase]):
-    """``(step, epoch index, steps done in it, reader state)``: zeros, or the latest checkpoint's
-    (whose engine, optimizer, scheduler and RNG states are loaded here)."""
-    from train import launch
-
-    if not config.resume:
-        return 0, 0, 0, None
-    folder = launch.latest_checkpoint(ckpt_root)
-    if folder is None:
-        log.warning("--resume: no checkpoint under %s; starting from the beginning", ckpt_root)
-        return 0, 0, 0, None
-    state, rank_state = launch.load_checkpoint(folder, engine=engine, dist=dist)
-    check_resumable(state, config, folder)
-    log.info("resumed %s: step %d, epoch %d", folder, state["step"], phases[state["phase"]].epoch)
-    return state["step"], state["phase"], state["phase_step"], rank_state["reader"]
 
 
 def evaluate_heldout(model, source: str, config: RMConfig, dist, ids: dict[str, int], step: int) -> dict[str, Any]:
@@ -800,34 +787,26 @@ def reward_statistics(model, source: str, config: RMConfig, dist, ids: dict[str,
     return stats
 
 
-def check_resumable(state: dict[str, Any], config: RMConfig, folder: Path) -> None:
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{folder}: not a reward-model checkpoint (format {state.get('format')!r})")
-    saved, now = state["config"], cfg.to_dict(config)
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in PLAN_FIELDS if saved.get(k) != now.get(k)]
-    if diff:
-        raise ValueError(f"{folder}: cannot resume with different plan settings:\n  " + "\n  ".join(diff))
-
-
-def report_epoch(phase: Phase, config: RMConfig, reader, prepare: PairPreparer, dist,
+def report_epoch(phase: Phase, config: RMConfig, reader, prepare: PairPreparer, ranks,
                  finished: bool = True) -> dict[str, Any]:
     """Which pairs the preparer and the reader left out or changed in an epoch, summed over
     ranks; rank 0 logs it and appends it to OUTPUT/epochs.jsonl. The counts are of the pairs
     read in this process (the read-ahead included), so a resumed epoch counts anew."""
-    from train import launch
+    from dataengine import dist
 
     stats = reader.stats()
-    names = ("fit", "truncated", "too_long", "malformed")
-    values = launch.all_sum([prepare.counts[k] for k in names] + [stats["substituted"], stats["skipped_total"]])
+    names = ("fit", "truncated", "too_long", "malformed", "non_finite")
+    values = dist.all_sum([prepare.counts[k] for k in names] + [stats["substituted"], stats["skipped_total"]])
     report: dict[str, Any] = {"epoch": phase.epoch, "steps": phase.steps, "finished": finished,
                               **{k: int(v) for k, v in zip(names + ("stand_ins", "reader_skipped"), values)},
                               "unused_tail_per_rank": phase.samples_per_rank
                               - phase.steps * config.micro_batch * config.grad_accum}
-    if dist.is_main:
-        log.info("epoch %d %s: pairs fit %d, with responses cut %d, too long %d, malformed %d; reader skipped %d "
-                 "(their %d slots held stand-ins without loss); %d pair(s) per rank after the last full step "
-                 "unused", phase.epoch, "done" if finished else "interrupted", report["fit"], report["truncated"],
-                 report["too_long"], report["malformed"], report["reader_skipped"], report["stand_ins"],
+    if ranks.is_main:
+        log.info("epoch %d %s: pairs fit %d, with responses cut %d, too long %d, malformed %d, non-finite "
+                 "features %d; reader skipped %d (their %d slots held stand-ins without loss); %d pair(s) per rank "
+                 "after the last full step unused", phase.epoch, "done" if finished else "interrupted",
+                 report["fit"], report["truncated"], report["too_long"], report["malformed"],
+                 report["non_finite"], report["reader_skipped"], report["stand_ins"],
                  report["unused_tail_per_rank"])
         with open(Path(config.output) / "epochs.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(report) + "\n")
@@ -840,30 +819,15 @@ def main(argv: list[str] | None = None, prog: str = "train/rm.py") -> int:
     config, dist, summary = launch.run_recipe(RMConfig, train, argv, prog)
     if dist.is_main:
         log.info("rm: %d/%d steps%s; held-out: %s; model: %s", summary["steps"], summary["total_steps"],
-                 " (stopped at --max-steps)" if summary["stopped_early"] else "",
+                 " (stopped at --stop-after-steps)" if summary["stopped_early"] else "",
                  format_eval(summary["heldout"]) if summary["heldout"] else "not measured", summary["model"])
     return 0
 
 
 # ---------------------------------------------------------------------------- vlmr eval rm
 
-@dataclass(frozen=True)
-class _Single:
-    """One process without a process group (``vlmr eval rm`` outside torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: Any = "cpu"
-
-    @property
-    def is_main(self) -> bool:
-        return True
-
-
 def evaluate_model(config: EvalRMConfig, dist) -> dict[str, Any]:
     """Held-out metrics of a saved reward model on preference shards (every rank calls it)."""
-    import tempfile
-
     from train.reward import RewardModel
 
     model = RewardModel.load(config.model).to(dist.device)
@@ -871,31 +835,21 @@ def evaluate_model(config: EvalRMConfig, dist) -> dict[str, Any]:
     rm = RMConfig(shards=config.shards, stages=config.stages, max_length=model.max_length,
                   length_policy=config.length_policy, context=model.context, on_error=config.on_error)
     ids = {"pad_token_id": model.lmm.pad_token_id, "video_token_id": model.lmm.video_token_id}
-    with tempfile.TemporaryDirectory(prefix="vlmr-eval-rm-") as tmp:
-        source = config.shards
-        if config.last_shards:
-            # Every rank writes its own copy: the split is deterministic.
-            _, source = split_last_shards(config.shards, config.stages, config.last_shards, Path(tmp))
-        reader = make_reader(source, rm, 0, dist, PairPreparer(model.tokenizer, rm), evaluation=True)
-        sums = score_pairs(model, reader, batch_size=config.batch_size, limit=config.max_pairs,
-                           device=dist.device, rank=dist.rank, world_size=dist.world_size, **ids)
-    return {"model": config.model, "shards": config.shards, "last_shards": config.last_shards, **eval_metrics(sums)}
+    reader = make_reader(config.shards, rm, 0, dist, PairPreparer(model.tokenizer, rm), evaluation=True)
+    sums = score_pairs(model, reader, batch_size=config.batch_size, limit=config.max_pairs,
+                       device=dist.device, rank=dist.rank, world_size=dist.world_size, **ids)
+    return {"model": config.model, "shards": config.shards, **eval_metrics(sums)}
 
 
 def eval_main(argv: list[str] | None = None, prog: str = "vlmr eval rm") -> int:
     config = cfg.parse_config(EvalRMConfig, list(sys.argv[1:] if argv is None else argv), prog=prog)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from train import launch
+    from dataengine import dist as collective
 
-        dist = launch.setup_distributed()
-    else:
-        import torch
-
-        dist = _Single(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    metrics = evaluate_model(config, dist)
-    if dist.is_main:
+    with collective.process_group() as ranks:
+        metrics = evaluate_model(config, ranks)
+    if ranks.is_main:
         print(f"{config.model} on {config.shards}: {format_eval(metrics)}")
         print(json.dumps(metrics))
         if config.output:

@@ -23,10 +23,14 @@ loop batches ``micro_batch`` samples at a time; in a sequential curriculum a bat
 mixes stages (a stage's last batch may be short). A skipped sample's slot holds the
 reader's stand-in with no target tokens, so ranks stay in step.
 
-Checkpoints (every ``save_every`` steps and at the end) hold adapter, projector, optimizer,
-scheduler, step, stage, reader position and RNG states; ``--resume`` continues from the
-latest one so that the following losses equal an uninterrupted run's. The final model is
-``OUTPUT/model`` (load it with ``VideoLMM.load``).
+Batches come through torchdata's ``StatefulDataLoader`` over the reader. Checkpoints (every
+``save_every`` steps and at the end) hold adapter, projector, optimizer, scheduler, step,
+stage, the loader's state (the reader's position) and RNG states; ``--resume`` continues from
+the latest one so that the following losses equal an uninterrupted run's. The final model is
+``OUTPUT/model`` (load it with ``VideoLMM.load``). The run folder, the metrics line, the
+shared settings and what ``--max-steps`` / ``--stop-after-steps`` / ``--overwrite`` mean are
+``train/runs.py``'s and ``train/trainer_config.py``'s, the same for the three trainers. A
+non-finite feature or loss stops the run naming the shard and key (``train/finite.py``).
 
 Run it::
 
@@ -44,6 +48,7 @@ one thread with OMP_NUM_THREADS when ranks share cores).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -51,9 +56,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
+
+from torch.utils.data import IterableDataset
 
 from dataengine import config as cfg
+from train.trainer_config import SupervisedConfig, budget
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +69,15 @@ STATE_FORMAT = "vlmr-sft-state/1"
 # Settings a resumed run must share with the checkpoint: they fix the data order and the plan.
 PLAN_FIELDS = ("shards", "stages", "epochs_per_stage", "micro_batch", "grad_accum", "shuffle",
                "window", "seed", "max_length", "length_policy", "model", "lora_r", "lora_alpha", "qlora",
-               "lora_targets", "curriculum")
+               "lora_targets", "curriculum", "max_steps")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(SupervisedConfig):
     """Curriculum SFT of the video LMM (easy, then hard) on DeepSpeed, streaming from shards."""
 
-    shards: str = "shards/demo"
-    """Shard set made by `vlmr build-shards`: folder or manifest.json, local or URL (s3://, https://)."""
+    NAME: ClassVar[str] = "sft"
+
     output: str = "runs/sft"
     """Run folder: config.json, metrics.jsonl, checkpoints/, and model/ (the trained model)."""
     model: str = "tiny"
@@ -78,8 +86,6 @@ class SFTConfig:
     """Tokenizer folder or 'tiny' (default: the one in the model folder)."""
     feat_dim: int = 0
     """Width of the video features; 0 reads it from the first sample of the shards."""
-    stages: list[str] = field(default_factory=lambda: ["easy", "hard"])
-    """Curriculum: stages of the shard set, trained in this order."""
     curriculum: Literal["sequential", "mixed"] = "sequential"
     """sequential: the stages one after another (the paper's curriculum; a batch never mixes
     stages). mixed: each epoch shuffles all the stages together, sample by sample. The tiny
@@ -87,21 +93,6 @@ class SFTConfig:
     answers (it repeats one word), and a hard-only stage then makes it forget the short ones."""
     epochs_per_stage: int = 1
     """Epochs of each stage before moving to the next (mixed: epochs of all stages together)."""
-    micro_batch: int = 8
-    """Samples per rank per forward pass."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (global batch = micro_batch x grad_accum x ranks)."""
-    lr: float = 1e-4
-    """Peak learning rate (AdamW)."""
-    min_lr_ratio: float = 0.0
-    """Final LR as a fraction of the peak (cosine decay)."""
-    warmup_ratio: float = 0.03
-    """Share of all steps (both stages) spent in linear warmup."""
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    """Gradient norm clipping (0 turns it off)."""
-    max_length: int = 2048
-    """Longest sequence the model sees, video rows included."""
     length_policy: Literal["truncate", "skip"] = "truncate"
     """Too-long samples: cut the last answer to fit, or leave the sample out (both counted)."""
     lora_r: int = 32
@@ -111,58 +102,14 @@ class SFTConfig:
     """Modules of the base LM that get LoRA adapters; empty: the attention and MLP
     projections (q/k/v/o/gate/up/down_proj) as in the paper, plus lm_head for the
     random-init 'tiny' LM (its frozen output layer caps every logit near ±3)."""
-    qlora: bool = False
-    """Load the base LM 4-bit nf4 (bitsandbytes) under the LoRA adapters."""
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage 0-3 (QLoRA: 0-2)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    shuffle: Literal["window", "none", "stage"] = "window"
-    """Reader shuffle; 'window' keeps the curriculum's length order at the scale of a window."""
-    window: int = 64
-    """Samples per shuffle window."""
-    on_error: Literal["raise", "skip"] = "raise"
-    """Corrupt shard data: stop naming the shard, or skip and count it."""
-    seed: int = 0
-    """Seeds the LoRA/projector initialisation and the reader's shuffle."""
-    save_every: int = 0
-    """Write a checkpoint every N optimizer steps (0: only at the end)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk (0 keeps all)."""
-    resume: bool = False
-    """Continue from OUTPUT/checkpoints/latest (same ranks and plan settings)."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps of the whole run, as an interrupted run would:
-    nothing is saved at the stop (0: the full curriculum). The LR schedule still spans the
-    whole curriculum, so --resume carries on from the last checkpoint."""
-    log_every: int = 1
-    """Metrics line every N steps (rank 0)."""
-    tensorboard: bool = False
-    """Also write TensorBoard scalars to OUTPUT/tensorboard (needs the tensorboard package)."""
-    log_keys: bool = False
-    """Write the sample keys each rank trains on, per step, to OUTPUT/keys/rank-N.tsv (audit)."""
 
-    def __post_init__(self) -> None:
-        p: list[str] = []
-        cfg.check(p, bool(self.stages), "--stages: at least one stage")
+    def problems(self) -> list[str]:
+        p = super().problems()
         cfg.check(p, self.epochs_per_stage >= 1, "--epochs-per-stage must be >= 1")
-        cfg.check(p, self.micro_batch >= 1, "--micro-batch must be >= 1")
-        cfg.check(p, self.grad_accum >= 1, "--grad-accum must be >= 1")
-        cfg.check(p, self.lr > 0, "--lr must be > 0")
-        cfg.check(p, 0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]")
-        cfg.check(p, 0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)")
-        cfg.check(p, self.weight_decay >= 0 and self.grad_clip >= 0, "--weight-decay and --grad-clip must be >= 0")
-        cfg.check(p, self.max_length >= 2, "--max-length must be >= 2")
         cfg.check(p, self.lora_r >= 1 and self.lora_alpha > 0, "--lora-r must be >= 1, --lora-alpha > 0")
         cfg.check(p, 0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)")
-        cfg.check(p, self.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0..3, got {self.zero_stage}")
-        cfg.check(p, not (self.qlora and self.zero_stage == 3),
-                  "--qlora with --zero-stage 3: ZeRO-3 cannot partition 4-bit weights; use 0-2")
-        cfg.check(p, self.window >= 1, "--window must be >= 1")
         cfg.check(p, self.feat_dim >= 0, "--feat-dim must be >= 0")
-        cfg.check(p, self.save_every >= 0 and self.keep_checkpoints >= 0 and self.max_steps >= 0,
-                  "--save-every, --keep-checkpoints and --max-steps must be >= 0")
-        cfg.check(p, self.log_every >= 1, "--log-every must be >= 1")
-        cfg.raise_problems(p, "sft settings")
+        return p
 
 
 @dataclass(frozen=True)
@@ -193,7 +140,7 @@ class SamplePreparer:
     Returns None for a sample the guard leaves out (the reader counts it and fills its slot).
     """
 
-    def __init__(self, tokenizer, max_length: int, policy: str):
+    def __init__(self, tokenizer, max_length: int, policy: str, on_error: str = "raise"):
         import functools
 
         from dataengine.reader import LengthGuard
@@ -201,14 +148,18 @@ class SamplePreparer:
 
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.on_error = on_error
         self.guard = LengthGuard(
             tokenizer, max_length, policy=policy,
             render=functools.partial(conversation.render, eos=tokenizer.eos_token or conversation.SEP2),
             count=lambda text: conversation.count_tokens(text, tokenizer))
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        from train.finite import check_features
         from train.model import tokenize_sample
 
+        if not check_features(sample, self.on_error):
+            return None
         sample = self.guard.apply(sample)
         if sample is None:
             return None
@@ -222,10 +173,10 @@ def make_reader(config: SFTConfig, stage: str, epoch: int, dist, prepare=None):
     return ShardReader(config.shards, stages=[stage], rank=dist.rank, world_size=dist.world_size,
                        batch_size=config.micro_batch, shuffle=config.shuffle, window=config.window,
                        seed=config.seed, epoch=epoch, fields=("json", "feat"), on_error=config.on_error,
-                       guard=prepare)
+                       verify=config.verify, guard=prepare)
 
 
-class MixedStages:
+class MixedStages(IterableDataset):
     """Several stages' readers merged sample by sample (``curriculum: mixed``).
 
     Each stage is dealt to the ranks by its own reader, so every rank has the same number of
@@ -239,6 +190,7 @@ class MixedStages:
     def __init__(self, readers: list, seed: int, epoch: int):
         import numpy as np
 
+        super().__init__()
         self.readers = readers
         labels = np.repeat(np.arange(len(readers)), [len(r) for r in readers])
         self.order = [int(x) for x in np.random.default_rng([seed, epoch, len(readers)]).permutation(labels)]
@@ -298,7 +250,7 @@ def make_stream(config: SFTConfig, phase: Phase, dist, tokenizer=None):
         prepare = None
         if tokenizer is not None:
             prepare = SamplePreparer(tokenizer if i == 0 else copy.deepcopy(tokenizer),
-                                     config.max_length, config.length_policy)
+                                     config.max_length, config.length_policy, config.on_error)
             preparers.append(prepare)
         readers.append(make_reader(config, stage, phase.epoch, dist, prepare))
     if len(readers) == 1 and not phase.stages:
@@ -328,6 +280,10 @@ def plan_curriculum(config: SFTConfig, dist) -> list[Phase]:
     if not any(p.steps for p in phases):
         raise ValueError(f"{config.shards}: stages {config.stages} give no full step of "
                          f"{per_step} samples per rank on {dist.world_size} rank(s)")
+    phases = [dataclasses.replace(p, steps=n) for p, n in zip(phases, budget([p.steps for p in phases],
+                                                                              config.max_steps))]
+    while not phases[-1].steps:  # --max-steps ended the run in an earlier phase
+        phases.pop()
     return phases
 
 
@@ -341,30 +297,30 @@ def feat_width(config: SFTConfig) -> int:
     return int(sample["feat"].shape[-1])
 
 
-def micro_batches(reader, config: SFTConfig, tokenizer) -> Iterator[dict[str, Any]]:
-    """Batches of ``micro_batch`` consecutive samples of one rank's stream of a phase (the
-    last may be short; every rank has the same number of samples, so the same batches)."""
+def make_loader(stream, config: SFTConfig, tokenizer):
+    """Batches of ``micro_batch`` consecutive samples of one rank's stream of a phase (the last
+    may be short; every rank has the same number of samples, so the same batches), through
+    torchdata's ``StatefulDataLoader``: its ``state_dict()`` (the reader's position inside it)
+    is what a checkpoint stores. One process: the reader's own thread reads ahead."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
     from train.model import collate
 
-    samples = iter(reader)
-    try:
-        while True:
-            chunk = []
-            for sample in samples:
-                chunk.append(sample)
-                if len(chunk) == config.micro_batch:
-                    break
-            if not chunk:
-                return
-            yield collate(chunk, tokenizer)
-    finally:
-        samples.close()
+    def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(samples, tokenizer)
+        batch["shards"] = [s.get("shard", "") for s in samples]
+        return batch
+
+    return StatefulDataLoader(stream, batch_size=config.micro_batch, num_workers=0, collate_fn=collate_batch)
 
 
 # ---------------------------------------------------------------------------- one step
 
-def train_step(engine, batches: Iterator[dict[str, Any]], grad_accum: int, device) -> dict[str, float]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns this rank's sums."""
+def train_step(engine, batches: Iterator[dict[str, Any]], grad_accum: int, ranks, step: int) -> dict[str, float]:
+    """Optimizer step ``step`` over ``grad_accum`` micro-batches; returns this rank's sums.
+    A non-finite loss stops the run, naming the batch's shards and keys."""
+    from train.finite import check_loss
+
     sums = {"loss_sum": 0.0, "loss_count": 0.0, "tokens": 0.0, "samples": 0.0, "data_wait": 0.0,
             "substitutes": 0.0}
     keys: list[str] = []
@@ -375,8 +331,10 @@ def train_step(engine, batches: Iterator[dict[str, Any]], grad_accum: int, devic
             raise RuntimeError("the reader ended before the planned steps (the manifest's counts "
                                "do not match the shards?)")
         sums["data_wait"] += time.perf_counter() - t0
+        device = ranks.device
         out = engine(batch["input_ids"].to(device), batch["feat"].to(device),
                      batch["attention_mask"].to(device), batch["labels"].to(device))
+        check_loss(out.loss, step=step, rank=ranks.rank, keys=batch["keys"], shards=batch["shards"])
         engine.backward(out.loss)
         engine.step()
         if batch["targets"]:
@@ -392,111 +350,133 @@ def train_step(engine, batches: Iterator[dict[str, Any]], grad_accum: int, devic
 
 # ---------------------------------------------------------------------------- recipe
 
-def train(config: SFTConfig, dist) -> dict[str, Any]:
+WINDOW_KEYS = ("loss_sum", "loss_count", "tokens", "samples", "data_wait")
+
+
+def train(config: SFTConfig, ranks) -> dict[str, Any]:
     """Run (or resume) the curriculum; returns a summary (steps, last metrics, model path)."""
     import torch
 
-    from dataengine.models import load_tokenizer, resolve_lm
-    from dataengine.schema import write_text_atomic
     from train import launch
+    from train.runs import Run
 
-    out = Path(config.output)
-    ckpt_root = out / "checkpoints"
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(config), indent=1) + "\n")
+    run = Run.open(config, ranks, state_format=STATE_FORMAT, plan_fields=PLAN_FIELDS)
     torch.manual_seed(config.seed)
 
     # -- setup, in dependency order: tokenizer, curriculum, model, engine -----------------
+    from dataengine.models import load_tokenizer, resolve_lm
+
     tokenizer = load_tokenizer(config.tokenizer or resolve_lm(config.model))
-    phases = plan_curriculum(config, dist)
+    phases = plan_curriculum(config, ranks)
     total_steps = sum(p.steps for p in phases)
     model, engine, scheduler = build_engine(config, tokenizer, total_steps)
-    log.info("sft: %d rank(s), %s, %d steps (%s), %s trainable parameters", dist.world_size,
+    log.info("sft: %d rank(s), %s, %d steps (%s), %s trainable parameters", ranks.world_size,
              config.model, total_steps, ", ".join(f"{p.stage}#{p.epoch}: {p.steps}" for p in phases),
              f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
-    step, phase_index, phase_step, reader_state = resume_position(config, engine, dist, ckpt_root, phases)
-
-    metrics = launch.MetricsLog(dist, total_steps, out / "tensorboard" if config.tensorboard else None)
-    metrics_file = out / "metrics.jsonl"
-    keys_file = out / "keys" / f"rank-{dist.rank:05d}.tsv"
+    step, phase_index, phase_step, loader_state = 0, 0, 0, None
+    resumed = run.resume(engine, before_load=lambda folder: check_same_adapters(
+        folder, engine.module.settings.lora_targets))
+    if resumed is not None:
+        state, rank_state = resumed
+        step, phase_index, phase_step, loader_state = (state["step"], state["phase"], state["phase_step"],
+                                                       rank_state["loader"])
+    keys_file = run.root / "keys" / f"rank-{ranks.rank:05d}.tsv"
     if config.log_keys:
         keys_file.parent.mkdir(parents=True, exist_ok=True)
     last: dict[str, Any] | None = None
-    stopped = False
+    stopped, first_step = False, step
 
     # -- the curriculum: phases in order, one LR schedule -----------------------------------
     engine.train()
     for index in range(phase_index, len(phases)):
         phase = phases[index]
         if index != phase_index:
-            phase_step, reader_state = 0, None
+            phase_step, loader_state = 0, None
         if phase_step >= phase.steps:
             continue
-        reader, preparers = make_stream(config, phase, dist, tokenizer)
-        if reader_state is not None:
-            reader.load_state_dict(reader_state)
-        batches = micro_batches(reader, config, tokenizer)
-        window = {"loss_sum": 0.0, "loss_count": 0.0, "tokens": 0.0, "samples": 0.0, "data_wait": 0.0, "steps": 0}
-        try:
-            while phase_step < phase.steps:
-                if config.max_steps and step >= config.max_steps:
-                    stopped = True
-                    break
-                lr = scheduler.get_last_lr()[0]  # the LR this step uses
-                sums = train_step(engine, batches, config.grad_accum, dist.device)
-                step += 1
-                phase_step += 1
-                for k in ("loss_sum", "loss_count", "tokens", "samples", "data_wait"):
-                    window[k] += sums[k]
-                window["steps"] += 1
-                if config.log_keys:
-                    with open(keys_file, "a", encoding="utf-8") as f:
-                        f.write(f"{step}\t{phase.stage}\t" + " ".join(sums["keys"]) + "\n")
-                if step % config.log_every == 0 or phase_step == phase.steps:
-                    last = metrics.update(step=step, stage=phase.stage, lr=lr, **window)
-                    if last is not None:
-                        with open(metrics_file, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(last) + "\n")
-                    window = dict.fromkeys(window, 0.0)
-                    window["steps"] = 0
-                is_last = index == len(phases) - 1 and phase_step == phase.steps
-                if (config.save_every and step % config.save_every == 0) or is_last:
-                    state = {"format": STATE_FORMAT, "step": step, "phase": index, "phase_step": phase_step,
-                             "stage": phase.stage, "epoch": phase.epoch, "world_size": dist.world_size,
-                             "config": cfg.to_dict(config)}
-                    # Taken between steps: the reader has handed out exactly the samples trained on.
-                    launch.save_checkpoint(ckpt_root, step, engine=engine, model=model, trainer_state=state,
-                                           rank_state={"reader": reader.state_dict()}, dist=dist,
-                                           keep=config.keep_checkpoints)
-        finally:
-            batches.close()
-        report_phase(phase, config, reader, preparers, dist, finished=not stopped)
+        reader, preparers = make_stream(config, phase, ranks, tokenizer)
+        loader = make_loader(reader, config, tokenizer)
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+        batches = iter(loader)
+        window = dict.fromkeys(WINDOW_KEYS, 0.0)
+        window_steps = 0
+        while phase_step < phase.steps:
+            if config.stop_after_steps and step >= config.stop_after_steps:
+                stopped = True
+                break
+            lr = scheduler.get_last_lr()[0]  # the LR this step uses
+            sums = train_step(engine, batches, config.grad_accum, ranks, step + 1)
+            step += 1
+            phase_step += 1
+            window_steps += 1
+            for k in WINDOW_KEYS:
+                window[k] += sums[k]
+            if config.log_keys:
+                with open(keys_file, "a", encoding="utf-8") as f:
+                    f.write(f"{step}\t{phase.stage}\t" + " ".join(sums["keys"]) + "\n")
+            if step % config.log_every == 0 or phase_step == phase.steps:
+                last = log_metrics(run, step, total_steps, phase.stage, lr, window, window_steps, step - first_step)
+                window, window_steps = dict.fromkeys(WINDOW_KEYS, 0.0), 0
+            if (config.save_every and step % config.save_every == 0) or step == total_steps:
+                # Taken between steps: the loader has handed out exactly the samples trained on.
+                run.save(step, engine=engine, model=model,
+                         trainer_state={"phase": index, "phase_step": phase_step, "stage": phase.stage,
+                                        "epoch": phase.epoch},
+                         rank_state={"loader": loader.state_dict()})
+        report_phase(phase, config, reader, preparers, ranks, finished=not stopped)
         if stopped:
             break
 
-    metrics.close()
-    summary = {"steps": step, "total_steps": total_steps, "stopped_early": stopped, "last": last,
-               "model": None}
+    run.close()
+    summary = {"steps": step, "total_steps": total_steps, "stopped_early": stopped, "last": last, "model": None}
     if not stopped:
-        summary["model"] = str(launch.save_final_model(model, out / "model", dist))
+        summary["model"] = str(launch.save_final_model(model, run.model_dir, ranks))
     return summary
 
 
-def build_engine(config: SFTConfig, tokenizer, total_steps: int):
-    """The model (fresh LoRA + projector from ``seed``) inside a DeepSpeed engine."""
-    from train import launch
-    from train.model import ModelSettings, VideoLMM, default_lora_targets
+def log_metrics(run, step: int, total_steps: int, stage: str, lr: float, window: dict[str, float], steps: int,
+                done_here: int) -> dict[str, Any]:
+    """The window's sums over ranks; rank 0 writes the line ``step | stage | loss | lr | tok/s |
+    samples/s | data-wait | eta`` and the metrics. Every rank calls it (it all-reduces)."""
+    from dataengine import dist
+    from train.runs import metrics_line
+
+    loss_sum, loss_count, tokens, samples, data_wait = dist.all_sum([window[k] for k in WINDOW_KEYS])
+    elapsed = run.lap()
+    metrics = {"step": step, "stage": stage, "loss": loss_sum / max(loss_count, 1), "lr": lr,
+               "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+               "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
+               "data_wait": data_wait / run.ranks.world_size / elapsed if elapsed > 0 else 0.0,
+               "eta_s": run.eta(done_here, step, total_steps), "tokens": tokens, "samples": samples,
+               "seconds": elapsed, "steps": steps}
+    run.log(metrics, metrics_line(step, total_steps, [
+        stage, f"loss {metrics['loss']:.4f}", f"lr {lr:.2e}", f"tok/s {metrics['tokens_per_s']:,.0f}",
+        f"samples/s {metrics['samples_per_s']:.1f}", f"data-wait {100 * metrics['data_wait']:.1f}%"],
+        metrics["eta_s"]))
+    return metrics
+
+
+def model_settings(config: SFTConfig):
+    """The video LMM's settings for this config (fresh LoRA on ``lora_targets`` or the defaults)."""
+    from train.model import ModelSettings, default_lora_targets
 
     targets = list(config.lora_targets or default_lora_targets(config.model))
     if str(config.model) == "tiny" and "lm_head" not in targets:
         log.warning("--lora-targets without lm_head on the random-init tiny LM: its frozen head caps "
                     "every logit near ±3, so the loss cannot go much below 4 nats per token")
-    settings = ModelSettings(lm=config.model, feat_dim=config.feat_dim or feat_width(config),
-                             lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-                             lora_dropout=config.lora_dropout, lora_targets=targets, qlora=config.qlora,
-                             dtype="bfloat16" if config.precision == "bf16" else "float32")
-    model = VideoLMM.build(settings, tokenizer, seed=config.seed)
+    return ModelSettings(lm=config.model, feat_dim=config.feat_dim or feat_width(config),
+                         lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                         lora_targets=targets, qlora=config.qlora,
+                         dtype="bfloat16" if config.precision == "bf16" else "float32")
+
+
+def build_engine(config: SFTConfig, tokenizer, total_steps: int):
+    """The model (fresh LoRA + projector from ``seed``) inside a DeepSpeed engine."""
+    from train import launch
+    from train.model import VideoLMM
+
+    model = VideoLMM.build(model_settings(config), tokenizer, seed=config.seed)
     ds_config = launch.deepspeed_config(micro_batch=config.micro_batch, grad_accum=config.grad_accum,
                                         zero_stage=config.zero_stage, precision=config.precision,
                                         grad_clip=config.grad_clip)
@@ -505,24 +485,6 @@ def build_engine(config: SFTConfig, tokenizer, total_steps: int):
         warmup_steps=int(config.warmup_ratio * total_steps), total_steps=total_steps,
         min_lr_ratio=config.min_lr_ratio)
     return model, engine, scheduler
-
-
-def resume_position(config: SFTConfig, engine, dist, ckpt_root: Path, phases: list[Phase]):
-    """``(step, phase index, steps done in it, reader state)``: zeros, or the latest checkpoint's
-    (whose engine, optimizer, scheduler and RNG states are loaded here)."""
-    from train import launch
-
-    if not config.resume:
-        return 0, 0, 0, None
-    folder = launch.latest_checkpoint(ckpt_root)
-    if folder is None:
-        log.warning("--resume: no checkpoint under %s; starting from the beginning", ckpt_root)
-        return 0, 0, 0, None
-    check_same_adapters(folder, engine.module.settings.lora_targets)
-    state, rank_state = launch.load_checkpoint(folder, engine=engine, dist=dist)
-    check_resumable(state, config, folder)
-    log.info("resumed %s: step %d, stage %s", folder, state["step"], phases[state["phase"]].stage)
-    return state["step"], state["phase"], state["phase_step"], rank_state["reader"]
 
 
 def check_same_adapters(folder: Path, targets: list[str]) -> None:
@@ -540,29 +502,17 @@ def check_same_adapters(folder: Path, targets: list[str]) -> None:
                          f"would wrap {sorted(targets)} (pass --lora-targets {' '.join(saved_targets)})")
 
 
-def check_resumable(state: dict[str, Any], config: SFTConfig, folder: Path) -> None:
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{folder}: not an SFT checkpoint (format {state.get('format')!r})")
-    saved, now = state["config"], cfg.to_dict(config)
-    # A setting added after the checkpoint was written had its default value then.
-    defaults = cfg.to_dict(SFTConfig())
-    saved = {k: saved.get(k, defaults.get(k)) for k in PLAN_FIELDS}
-    diff = [f"{k}: checkpoint {saved[k]!r}, now {now.get(k)!r}" for k in PLAN_FIELDS if saved[k] != now.get(k)]
-    if diff:
-        raise ValueError(f"{folder}: cannot resume with different plan settings:\n  " + "\n  ".join(diff))
-
-
 def report_phase(phase: Phase, config: SFTConfig, reader, preparers: list[SamplePreparer], dist,
                  finished: bool = True) -> dict[str, Any]:
     """What the length guard and the reader left out or changed in a phase, summed over
     ranks; rank 0 logs it and appends it to OUTPUT/stages.jsonl. The counts are of the
     samples read in this process (the read-ahead included), so a resumed phase counts anew."""
-    from train import launch
+    from dataengine import dist as collective
 
     stats = reader.stats()
     counts = {k: sum(p.guard.counts[k] for p in preparers) for k in ("fit", "truncated", "dropped")}
     per_step = config.micro_batch * config.grad_accum
-    fit, truncated, dropped, substituted, skipped = (int(v) for v in launch.all_sum(
+    fit, truncated, dropped, substituted, skipped = (int(v) for v in collective.all_sum(
         [counts["fit"], counts["truncated"], counts["dropped"], stats["substituted"], stats["skipped_total"]]))
     report = {"stage": phase.stage, "epoch": phase.epoch, "steps": phase.steps, "finished": finished,
               "fit": fit, "truncated": truncated, "left_out": dropped, "reader_skipped": skipped,
@@ -584,7 +534,7 @@ def main(argv: list[str] | None = None, prog: str = "train/sft.py") -> int:
     config, dist, summary = launch.run_recipe(SFTConfig, train, argv, prog)
     if dist.is_main:
         log.info("sft: %d/%d steps%s; model: %s", summary["steps"], summary["total_steps"],
-                 " (stopped at --max-steps)" if summary["stopped_early"] else "", summary["model"])
+                 " (stopped at --stop-after-steps)" if summary["stopped_early"] else "", summary["model"])
     return 0
 
 
