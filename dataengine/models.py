@@ -93,6 +93,11 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
+def is_preset(spec: str | os.PathLike) -> bool:
+    """Whether a model spec names a preset (machine-independent: keep it as is when saving)."""
+    return str(spec) in PRESETS
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("VLMR_CACHE", Path.home() / ".cache" / "vlmr"))
 
