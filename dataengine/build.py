@@ -46,7 +46,8 @@ class BuildConfig:
     """Build curriculum-sorted WebDataset shards from annotations and videos."""
 
     annotations: list[str] = field(default_factory=list)
-    """Annotation files: Video-ChatGPT JSON, LLaVA JSON/JSONL or NExT-QA CSV (detected by content)."""
+    """Annotation files: Video-ChatGPT JSON, LLaVA JSON/JSONL, NExT-QA CSV, or Hugging Face datasets
+    (a save_to_disk folder, parquet, JSON/CSV with video/question/answer columns); detected by content."""
     videos: str = ""
     """Folder holding the videos (searched recursively; ids match with or without extension)."""
     out: str = "shards/demo"

@@ -7,7 +7,15 @@ Formats are detected by content, not by file name:
 - **LLaVA-style** JSON: a list of ``{"id", "video", "conversations": [{"from": "human"|"gpt",
   "value"}]}``, and the same records as **JSONL**, one per line;
 - **NExT-QA** CSV: ``video, question, answer, qid, type, a0..a4`` where ``answer`` is the index
-  of the correct option; the record's answer is that option's text.
+  of the correct option; the record's answer is that option's text;
+- **Hugging Face datasets**, the form VideoInstruct-100K, MSVD-QA and similar sets are published
+  in: a folder written by ``Dataset.save_to_disk`` (read with ``datasets.load_from_disk``; a
+  ``DatasetDict`` folder with one split, or give the split's folder), a ``.parquet`` file, and
+  JSON/JSONL/CSV files whose columns are not one of the formats above (read with
+  ``datasets.load_dataset("parquet"|"json"|"csv", data_files=..., streaming=True)``). Columns
+  map onto :class:`Record` by name (:data:`HF_COLUMNS`): a video column, then either a
+  ``conversations`` column (LLaVA turns) or a question and an answer column; an id column is
+  used when there is one; other columns with JSON values are kept in ``Record.extra``.
 
 A malformed record raises :class:`IngestError` naming the file and the record index, or, with
 ``on_error="skip"``, is counted in :class:`IngestStats` and reported.
@@ -24,7 +32,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from dataengine import schema
 
@@ -119,9 +127,46 @@ def _undecodable_count(value: Any) -> int:
     return 0
 
 
+# Column names of Hugging Face annotation sets, by the Record field they fill (first match wins).
+HF_COLUMNS = {
+    "video": ("video_id", "video", "video_name", "video_path", "vid"),
+    "question": ("q", "question", "instruction", "prompt"),
+    "answer": ("a", "answer", "response", "output"),
+    "id": ("id", "question_id", "qid"),
+}
+_HF_SAVED = ("dataset_dict.json", "state.json", "dataset_info.json")
+
+
+def _hf_column(columns: Iterable[str], field: str) -> str | None:
+    columns = set(columns)
+    return next((c for c in HF_COLUMNS[field] if c in columns), None)
+
+
+def _hf_mappable(columns: Iterable[str]) -> bool:
+    columns = list(columns)
+    return _hf_column(columns, "video") is not None and (
+        "conversations" in columns
+        or (_hf_column(columns, "question") is not None and _hf_column(columns, "answer") is not None))
+
+
+def _unknown_columns(path: Path, columns: Iterable[str]) -> IngestError:
+    return IngestError(f"{path}: records of unknown columns {sorted(columns)}; expected a video column "
+                       f"({'/'.join(HF_COLUMNS['video'])}) and either 'conversations' or a question "
+                       f"({'/'.join(HF_COLUMNS['question'])}) and an answer ({'/'.join(HF_COLUMNS['answer'])})")
+
+
 def detect_format(path: str | os.PathLike) -> str:
-    """``vcg``, ``llava``, ``llava-jsonl`` or ``nextqa``, from the file's first bytes."""
+    """``vcg``, ``llava``, ``llava-jsonl``, ``nextqa`` or ``hf-disk``/``hf-parquet``/``hf-json``/
+    ``hf-csv`` (read through 🤗 datasets), from the folder's files or the file's first bytes."""
     path = Path(path)
+    if path.is_dir():
+        if any((path / name).exists() for name in _HF_SAVED):
+            return "hf-disk"
+        raise IngestError(f"{path}: a folder, but not one written by datasets' save_to_disk "
+                          f"(none of {', '.join(_HF_SAVED)})")
+    with open(path, "rb") as f:
+        if f.read(4) == b"PAR1":
+            return "hf-parquet"
     head = AnnotationText.read(path, limit=65536).text
     stripped = head.lstrip()
     if not stripped:
@@ -135,13 +180,24 @@ def detect_format(path: str | os.PathLike) -> str:
             return "llava"
         if {"q", "a"} <= set(first):
             return "vcg"
-        raise IngestError(f"{path}: JSON list of unknown records (keys {sorted(first)})")
+        if _hf_mappable(first):
+            return "hf-json"
+        raise _unknown_columns(path, first)
     if stripped[0] == "{":
+        try:
+            first = json.loads(stripped.splitlines()[0])
+        except json.JSONDecodeError:
+            return "llava-jsonl"  # its records are named one by one
+        if isinstance(first, dict) and "conversations" not in first and _hf_mappable(first):
+            return "hf-json"
         return "llava-jsonl"
-    header = next(csv.reader([stripped.splitlines()[0]]))
-    if {"video", "question", "answer"} <= {h.strip() for h in header}:
+    header = [h.strip() for h in next(csv.reader([stripped.splitlines()[0]]))]
+    if {"video", "question", "answer", "a0"} <= set(header):
         return "nextqa"
-    raise IngestError(f"{path}: unknown annotation format (not JSON, JSONL or NExT-QA CSV)")
+    if _hf_mappable(header):
+        return "hf-csv"
+    raise IngestError(f"{path}: unknown annotation format (not JSON, JSONL, CSV with known columns, "
+                      "parquet or a saved Hugging Face dataset)")
 
 
 def _json_list(text: AnnotationText) -> list[Any]:
@@ -230,6 +286,9 @@ def _record_nextqa(raw: dict[str, str], source: str, index: int) -> Record:
 def _raw_records(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
     """(record index, raw record) in file order; a record that cannot be read comes as a
     ``ValueError`` in its place (saying where), so ``on_error`` decides about it alone."""
+    if fmt.startswith("hf-"):
+        yield from _hf_raw_records(path, fmt)
+        return
     text = AnnotationText.read(path)
     clean = text.clean
     if fmt in ("vcg", "llava"):
@@ -270,7 +329,67 @@ def _raw_records(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
                 yield index, row
 
 
-_PARSERS = {"vcg": _record_vcg, "llava": _record_llava, "llava-jsonl": _record_llava, "nextqa": _record_nextqa}
+def _hf_dataset(path: Path, fmt: str) -> Iterable[dict[str, Any]]:
+    """The rows of a Hugging Face dataset folder or file, streamed in order."""
+    import datasets
+
+    try:
+        if fmt == "hf-disk":
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if len(data) != 1:
+                    raise IngestError(f"{path}: a DatasetDict with splits {sorted(data)}; give one split's "
+                                      f"folder (e.g. {path / sorted(data)[0]})")
+                (data,) = data.values()
+            return data
+        kind = {"hf-parquet": "parquet", "hf-json": "json", "hf-csv": "csv"}[fmt]
+        return datasets.load_dataset(kind, data_files=str(path), split="train", streaming=True)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
+        if isinstance(exc, IngestError):
+            raise
+        raise IngestError(f"{path}: cannot read it as a {fmt} dataset: {exc}") from exc
+
+
+def _is_json_value(value: Any) -> bool:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, list):
+        return all(_is_json_value(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json_value(v) for k, v in value.items())
+    return False
+
+
+def _as_text(value: Any) -> Any:
+    """A number read from a CSV or parquet column (a count answer "3") as the text it was."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _hf_raw_records(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
+    """Rows as LLaVA-style raw records (columns mapped by :data:`HF_COLUMNS`)."""
+    rows = _hf_dataset(path, fmt)
+    names: dict[str, str | None] | None = None
+    for index, row in enumerate(rows):
+        if names is None:
+            if not _hf_mappable(row):
+                raise _unknown_columns(path, row)
+            names = {field: _hf_column(row, field) for field in HF_COLUMNS}
+        used = {c for c in names.values() if c is not None} | {"conversations"}
+        raw: dict[str, Any] = {"video": None if row[names["video"]] is None else str(row[names["video"]])}
+        if names["id"] is not None and row[names["id"]] is not None:
+            raw["id"] = str(row[names["id"]])
+        if "conversations" in row:
+            raw["conversations"] = row["conversations"]
+        else:
+            raw["conversations"] = [{"from": HUMAN, "value": _as_text(row[names["question"]])},
+                                    {"from": GPT, "value": _as_text(row[names["answer"]])}]
+        raw.update({k: v for k, v in row.items() if k not in used and _is_json_value(v)})
+        yield index, raw
+
+
+_PARSERS = {"vcg": _record_vcg, "llava": _record_llava, "llava-jsonl": _record_llava, "nextqa": _record_nextqa,
+            "hf-disk": _record_llava, "hf-parquet": _record_llava, "hf-json": _record_llava,
+            "hf-csv": _record_llava}
 
 
 def read_annotations(path: str | os.PathLike, *, on_error: OnError = "raise",
@@ -281,7 +400,7 @@ def read_annotations(path: str | os.PathLike, *, on_error: OnError = "raise",
     if not path.exists():
         raise IngestError(f"{path}: annotation file not found")
     fmt = detect_format(path)
-    source = path.stem
+    source = path.name if path.is_dir() else path.stem
     if stats is not None:
         stats.formats[str(path)] = fmt
     for index, raw in _raw_records(path, fmt):

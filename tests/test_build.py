@@ -171,6 +171,19 @@ def test_other_formats_clips_off_and_token_split(synth_world, tmp_path, built):
     assert set(manifest.settings["annotation_formats"].values()) == {"llava", "nextqa"}
 
 
+def test_annotations_from_a_hugging_face_dataset(synth_world, tmp_path, built):
+    datasets = pytest.importorskip("datasets")
+    rows = json.loads((synth_world / "annotations.json").read_text())[:5]
+    table = datasets.Dataset.from_dict({"video_id": [r["video_id"] for r in rows],
+                                        "question": [r["q"] for r in rows], "answer": [r["a"] for r in rows]})
+    table.to_parquet(str(tmp_path / "qa.parquet"))
+    out = tmp_path / "shards"
+    run_build(synth_world, out, built[1], annotations=[str(tmp_path / "qa.parquet")])
+    manifest, stored = stream(out)
+    assert manifest.samples == 5 and manifest.settings["annotation_formats"] == {str(tmp_path / "qa.parquet"): "hf-parquet"}
+    assert sorted(j["conversations"][1]["value"] for _, _, j in stored) == sorted(r["a"] for r in rows)
+
+
 def test_readable_by_webdataset_tar_and_datasets(built):
     out = built[0]
     manifest = schema.Manifest.load(out)

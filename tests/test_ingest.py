@@ -179,3 +179,77 @@ def test_ids_that_would_share_a_key_are_an_error_naming_both(tmp_path, monkeypat
     path = write(tmp_path, "ann.json", json.dumps([_llava("x.1"), _llava("x_1")]))
     with pytest.raises(ingest.IngestError, match=r"'ann-x\.1' and 'ann-x_1' would share the sample key"):
         ingest.read_all([path])
+
+
+# ------------------------------------------------------------------------ Hugging Face datasets (issue 17)
+
+MSVD_ROWS = {"video_id": [1001, 1002, 1003], "question": ["what is moving?", "how many cats?", "who runs?"],
+             "answer": ["a red circle", "3", "a man"], "qtype": ["what", "how many", "who"]}
+
+
+def _msvd_like(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    return datasets.Dataset.from_dict(MSVD_ROWS)
+
+
+def _check_msvd(records, source):
+    assert [r.video_id for r in records] == ["1001", "1002", "1003"]
+    assert records[0].conversations == [{"from": "human", "value": "<video>\nwhat is moving?"},
+                                        {"from": "gpt", "value": "a red circle"}]
+    assert records[1].answers() == ["3"]
+    assert records[2].extra == {"qtype": "who"} and records[2].source == source
+
+
+def test_saved_dataset_folder_parquet_json_and_csv_through_datasets(tmp_path):
+    ds = _msvd_like(tmp_path)
+    ds.save_to_disk(str(tmp_path / "msvd_saved"))
+    ds.to_parquet(str(tmp_path / "msvd.parquet"))
+    (tmp_path / "msvd.json").write_text(json.dumps([dict(zip(MSVD_ROWS, row)) for row in zip(*MSVD_ROWS.values())]))
+    # a CSV of free-form answers (not NExT-QA's option index); its "3" is read back as a number
+    with open(tmp_path / "msvd.csv", "w") as f:
+        f.write("video_id,question,answer,qtype\n" + "".join(
+            f"{v},{q},{a},{t}\n" for v, q, a, t in zip(*MSVD_ROWS.values())))
+    for name, fmt in [("msvd_saved", "hf-disk"), ("msvd.parquet", "hf-parquet"), ("msvd.json", "hf-json"),
+                      ("msvd.csv", "hf-csv")]:
+        path = tmp_path / name
+        assert ingest.detect_format(path) == fmt
+        stats = ingest.IngestStats()
+        records = ingest.read_all([path], stats=stats)
+        _check_msvd(records, source="msvd_saved" if fmt == "hf-disk" else "msvd")
+        assert stats.formats == {str(path): fmt}
+
+
+def test_dataset_columns_map_onto_records(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    turns = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "Two shapes."}]
+    llava = datasets.Dataset.from_dict({"id": ["a.1", "b"], "video": ["v1.mp4", "v2.mp4"],
+                                        "conversations": [turns, turns], "score": [0.5, 1.0]})
+    llava.to_parquet(str(tmp_path / "llava.parquet"))
+    records = ingest.read_all([tmp_path / "llava.parquet"])
+    assert [r.id for r in records] == ["llava-a.1", "llava-b"]
+    assert records[0].conversations[0]["value"] == "<video>\nDescribe it."
+    assert records[0].extra == {"score": 0.5}
+    # a malformed row is named and skippable like any other record
+    bad = datasets.Dataset.from_dict({"video": ["v1", "v2"], "instruction": ["Q?", ""], "output": ["A.", "B."]})
+    bad.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ingest.IngestError, match=r"bad: record 1 \(hf-disk\): turn 0 value must be"):
+        ingest.read_all([tmp_path / "bad"])
+    stats = ingest.IngestStats()
+    assert len(ingest.read_all([tmp_path / "bad"], on_error="skip", stats=stats)) == 1 and stats.skipped == 1
+
+
+def test_dataset_dict_split_and_unknown_columns_are_clear_errors(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = _msvd_like(tmp_path)
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(ingest.IngestError, match=r"splits \['test', 'train'\]; give one split's folder"):
+        ingest.read_all([tmp_path / "two"])
+    assert len(ingest.read_all([tmp_path / "two" / "test"])) == 3
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "one"))
+    assert len(ingest.read_all([tmp_path / "one"])) == 3
+    datasets.Dataset.from_dict({"clip": ["x"], "text": ["y"]}).to_parquet(str(tmp_path / "odd.parquet"))
+    with pytest.raises(ingest.IngestError, match=r"odd\.parquet: records of unknown columns \['clip', 'text'\]"):
+        ingest.read_all([tmp_path / "odd.parquet"])
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ingest.IngestError, match="not one written by datasets' save_to_disk"):
+        ingest.read_all([tmp_path / "plain"])
