@@ -144,7 +144,7 @@ def measure(args) -> None:
             tokens += sums["tokens"]
             wait += sums["data_wait"]
             losses.append((sums["loss_sum"], bare["loss_sum"]))
-    recipe_batches.close()
+    del recipe_batches  # the reader's read-ahead thread ends with its iterator
     tokens, wait = collective.all_sum([tokens, wait])
     if not dist.is_main:
         return
