@@ -15,6 +15,11 @@ Each sample in a tar is a group of members sharing one key, written contiguously
     KEY.clips.npy   float16 (K, F+P, D) pooled per-clip features (omitted when clips=0)
     KEY.thumb.jpg   a small contact sheet for people inspecting shards
 
+KEY is the record id when the id holds only ASCII letters, digits, ``-`` and ``_``; otherwise
+every other character becomes ``_`` and ``~`` plus the first 8 hex digits of the id's sha256
+are appended (``x.1`` -> ``x_1~4598734b``, ``x_1`` stays ``x_1``), so two ids never share a key
+(:func:`sample_key`; a build refuses ids that would, naming both). The id itself is in KEY.json.
+
 Later stages add json fields (``narrative``, ``chosen``, ``rejected``, ``judge``); readers
 keep fields they do not know. Nothing in a shard is ever pickled.
 """

@@ -263,6 +263,7 @@ sys.exit(build.main(sys.argv[2:]))
 
 def test_two_builds_into_one_folder_the_second_is_refused(synth_world, tmp_path, built):
     from dataengine import inspection, lock
+    from dataengine.verify import verify
 
     out, gate = tmp_path / "shards", tmp_path / "go"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -288,7 +289,7 @@ def test_two_builds_into_one_folder_the_second_is_refused(synth_world, tmp_path,
         gate.touch()
         _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-3000:]
-    result = inspection.verify(inspection.open_shard_set(out))
+    result = verify(inspection.open_shard_set(out))
     assert result.ok, result.problems
     assert result.samples == schema.Manifest.load(out).samples == built[2].samples["easy"] + built[2].samples["hard"]
     assert schema.Manifest.load(out).settings["maxcount"] == 8
@@ -343,6 +344,22 @@ def test_a_byte_that_is_not_utf8_is_skipped_and_counted(synth_world, tmp_path, b
     assert [(f["record"], f["reason"]) for f in failures] == [(0, "not_utf8")]
     assert schema.Manifest.load(out).samples == len(json.loads(data)) - 1
     assert "1 malformed records skipped" in capsys.readouterr().out
+
+
+def test_an_internal_decoder_failure_stops_the_build_and_is_not_filed(synth_world, tmp_path, monkeypatch):
+    """The decoder's own failure is never blamed on the video: no failures.jsonl line, no manifest."""
+    from dataengine import decode
+
+    def internal(paths, **kwargs):
+        for path in paths:
+            raise decode.InternalDecodeError(path, "ffmpeg rejected our command", ["ffmpeg", "-bad"])
+        yield from ()
+
+    monkeypatch.setattr(decode, "decode_many", internal)
+    out = tmp_path / "shards"
+    with pytest.raises(decode.InternalDecodeError):
+        run_build(synth_world, out, tmp_path / "cache")
+    assert not (out / schema.FAILURES_NAME).exists() and not (out / schema.MANIFEST_NAME).exists()
 
 
 def _no_long_work(monkeypatch):
