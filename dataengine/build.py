@@ -2,7 +2,9 @@
 
 Phases, each a pass with its own progress bar::
 
-    ingest   annotation files → records (format detected by content)
+    ingest   annotation files → records (format detected by content); videos given as
+             webdataset shards (video2dataset's KEY.mp4 + KEY.json/KEY.txt) are unpacked first,
+             and their captions are the records when no annotations are given
     resolve  video ids → files under --videos (with or without extension)
     encode   per video not yet cached: ffmpeg decode (process pool) → CLIP → pooled features
     pack     sort by answer tokens → easy / hard → tars (temp name → rename) → manifest (last)
@@ -25,6 +27,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +43,9 @@ from dataengine import decode, features, ingest, lock, models, pack, schema
 
 log = logging.getLogger(__name__)
 
+STAGED_VIDEOS = ".staged-videos"
+"""Under --out: videos unpacked from webdataset shards for the decoder, while the build runs."""
+
 
 @dataclass
 class BuildConfig:
@@ -47,9 +53,12 @@ class BuildConfig:
 
     annotations: list[str] = field(default_factory=list)
     """Annotation files: Video-ChatGPT JSON, LLaVA JSON/JSONL, NExT-QA CSV, or Hugging Face datasets
-    (a save_to_disk folder, parquet, JSON/CSV with video/question/answer columns); detected by content."""
+    (a save_to_disk folder, parquet, JSON/CSV with video/question/answer columns); detected by content.
+    Optional when --videos are shards with captions (each caption becomes a description sample)."""
     videos: str = ""
-    """Folder holding the videos (searched recursively; ids match with or without extension)."""
+    """Folder holding the videos (searched recursively; ids match with or without extension), or
+    webdataset shards of videos as video2dataset writes them (a .tar, or a folder of .tar files
+    holding KEY.mp4 + KEY.json/KEY.txt; the video id is KEY)."""
     out: str = "shards/demo"
     """Output folder for the tars, manifest.json and failures.jsonl."""
     encoder: str = models.TINY
@@ -85,7 +94,8 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        cfg.check(problems, bool(self.annotations), "--annotations: at least one file is required")
+        cfg.check(problems, bool(self.annotations) or (bool(self.videos) and bool(ingest.video_shards(self.videos))),
+                  "--annotations: at least one file is required (unless --videos are shards with captions)")
         cfg.check(problems, bool(self.videos), "--videos: the videos folder is required")
         cfg.check(problems, self.frames >= 1, f"--frames must be >= 1, got {self.frames}")
         cfg.check(problems, self.clips >= 0, f"--clips must be >= 0, got {self.clips}")
@@ -354,15 +364,30 @@ def build(config: BuildConfig, dist: Dist | None = None) -> BuildSummary:
         return build_locked(config, dist)
 
 
+def stage_videos(config: BuildConfig, dist: Dist) -> tuple[Path, list[str]]:
+    """The videos folder and annotation files of the build. Videos given as webdataset shards
+    are unpacked by rank 0 into ``OUT/.staged-videos`` (removed when the build is done); their
+    captions are the annotations when none are given."""
+    shards = ingest.video_shards(config.videos)
+    if not shards:
+        return Path(config.videos), list(config.annotations)
+    staged = Path(config.out) / STAGED_VIDEOS
+    if dist.rank == 0:
+        ingest.stage_video_shards(shards, staged)
+    dist.barrier()
+    return staged / "videos", list(config.annotations) or [str(staged / ingest.CAPTIONS_NAME)]
+
+
 def build_locked(config: BuildConfig, dist: Dist) -> BuildSummary:
     summary = BuildSummary()
     out = Path(config.out)
 
     t0 = time.perf_counter()
     stats = ingest.IngestStats()
-    records = ingest.read_all(config.annotations, on_error=config.on_error, stats=stats)
+    videos, annotations = stage_videos(config, dist)
+    records = ingest.read_all(annotations, on_error=config.on_error, stats=stats)
     summary.records_skipped = stats.skipped
-    index = ingest.index_videos(config.videos)
+    index = ingest.index_videos(videos)
     per_video = Counter(r.video_id for r in records)
     jobs = plan_jobs(per_video, index)
     summary.seconds["ingest"] = time.perf_counter() - t0
@@ -428,6 +453,7 @@ def build_locked(config: BuildConfig, dist: Dist) -> BuildSummary:
         samples=len(ordered), failures=len(failure_lines), stages=stages)
     pack.remove_stale_shards(out, keep=[s.url for st in stages for s in st.shards])
     manifest.save(out)
+    shutil.rmtree(out / STAGED_VIDEOS, ignore_errors=True)
     summary.seconds["pack"] = time.perf_counter() - t0
     summary.samples = {st.name: st.samples for st in stages}
     summary.shards = sum(len(st.shards) for st in stages)

@@ -464,3 +464,75 @@ def index_videos(folder: str | os.PathLike) -> dict[str, Path]:
 
 def resolve_video(video_id: str, index: dict[str, Path]) -> Path | None:
     return index.get(video_id) or index.get(video_id.rsplit(".", 1)[0])
+
+
+# ------------------------------------------------------------------------ videos in webdataset shards
+
+VIDEO_SUFFIXES = ("mp4", "webm", "mkv", "avi", "mov", "m4v")
+CAPTION_PROMPT = "Describe what happens in the video in detail."
+"""The question of the records made from shard captions (a detailed-description instruction)."""
+CAPTIONS_NAME = "captions.jsonl"
+
+
+def video_shards(videos: str | os.PathLike) -> list[Path]:
+    """The tars of a ``--videos`` given as webdataset shards (a ``.tar`` file, or a folder whose
+    files are ``.tar``s, as video2dataset writes); ``[]`` for a folder of video files."""
+    path = Path(videos)
+    if path.is_file() and path.suffix == ".tar":
+        return [path]
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+        tars = sorted(p for p in files if p.suffix == ".tar")
+        if tars and all(p.suffix in (".tar", ".parquet", ".json") for p in files):  # video2dataset's stats files
+            return tars
+    return []
+
+
+def _caption(sample: dict[str, Any]) -> str | None:
+    """KEY.txt, else the ``caption`` of KEY.json (video2dataset writes both when it has one)."""
+    if isinstance(sample.get("txt"), bytes) and sample["txt"].strip():
+        return sample["txt"].decode("utf-8", "replace").strip()
+    if isinstance(sample.get("json"), bytes):
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError:
+            return None
+        if isinstance(meta, dict) and isinstance(meta.get("caption"), str) and meta["caption"].strip():
+            return meta["caption"].strip()
+    return None
+
+
+def stage_video_shards(shards: list[Path], folder: str | os.PathLike) -> tuple[Path, Path]:
+    """Unpack the videos of webdataset shards (``KEY.mp4`` + ``KEY.json``/``KEY.txt``, the layout
+    video2dataset writes) into ``folder/videos/KEY.EXT`` for the decoder, and write their
+    captions to ``folder/captions.jsonl`` (LLaVA JSONL: "describe the video" -> the caption).
+    Returns (videos folder, captions file). Read through ``webdataset``; a video already
+    unpacked with the same size is kept, so a resumed build unpacks nothing twice. Two shards
+    holding one key are an error naming both.
+    """
+    import webdataset
+
+    videos = Path(folder) / "videos"
+    videos.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, str] = {}
+    lines = []
+    for url in shards:
+        for sample in webdataset.WebDataset(str(url), shardshuffle=False, empty_check=False,
+                                             nodesplitter=None, workersplitter=None):
+            key = sample["__key__"]
+            suffix = next((s for s in VIDEO_SUFFIXES if isinstance(sample.get(s), bytes)), None)
+            if suffix is None:
+                continue  # a metadata-only sample (a failed download's json)
+            if key in seen:
+                raise IngestError(f"{url}: video key {key!r} is also in {seen[key]}")
+            seen[key] = str(url)
+            target = videos / f"{key}.{suffix}"
+            data = sample[suffix]
+            if not (target.is_file() and target.stat().st_size == len(data)):
+                schema.write_bytes_atomic(target, data)
+            caption = _caption(sample)
+            if caption is not None:
+                lines.append(json.dumps({"id": key, "video": f"{key}.{suffix}", "shard": url.name, "conversations": [
+                    {"from": HUMAN, "value": f"{VIDEO_TOKEN}\n{CAPTION_PROMPT}"}, {"from": GPT, "value": caption}]}))
+    captions = schema.write_text_atomic(Path(folder) / CAPTIONS_NAME, "".join(line + "\n" for line in lines))
+    return videos, captions

@@ -184,6 +184,45 @@ def test_annotations_from_a_hugging_face_dataset(synth_world, tmp_path, built):
     assert sorted(j["conversations"][1]["value"] for _, _, j in stored) == sorted(r["a"] for r in rows)
 
 
+def video2dataset_shards(world, folder):
+    """The synthetic videos as video2dataset writes them: NNNNN.tar of KEY.mp4, KEY.txt, KEY.json."""
+    import webdataset
+
+    from dataengine.synth import load_captions
+
+    captions = load_captions(world)
+    folder.mkdir()
+    videos = sorted((world / "videos").iterdir())
+    for shard, part in enumerate([videos[:4], videos[4:]]):
+        with webdataset.TarWriter(str(folder / f"{shard:05d}.tar")) as tar:
+            for i, path in enumerate(part):
+                key = f"{shard:05d}{i:04d}"
+                caption = " ".join(seg["caption"] for seg in captions[path.stem]["segments"])
+                tar.write({"__key__": key, "mp4": path.read_bytes(), "txt": caption,
+                           "json": {"key": key, "caption": caption, "status": "success", "url": str(path)}})
+    (folder / "00000_stats.json").write_text("{}")  # video2dataset writes these beside the tars
+    return {f"{s:05d}{i:04d}": " ".join(seg["caption"] for seg in captions[p.stem]["segments"])
+            for s, part in enumerate([videos[:4], videos[4:]]) for i, p in enumerate(part)}
+
+
+def test_videos_from_video2dataset_shards(synth_world, tmp_path, built):
+    expected = video2dataset_shards(synth_world, tmp_path / "v2d")
+    out = tmp_path / "shards"
+    summary = build.build(build.BuildConfig(videos=str(tmp_path / "v2d"), out=str(out), frames=FRAMES, clips=CLIPS,
+                                            clip_frames=CLIP_FRAMES, workers=1, cache=str(built[1])))
+    assert summary.videos_encoded == 0  # the same bytes as the folder's videos: all from the cache
+    manifest, rows = stream(out)
+    assert manifest.samples == len(expected) == 6
+    assert {j["video_id"]: j["conversations"][1]["value"] for _, _, j in rows} == \
+        {f"{key}.mp4": caption for key, caption in expected.items()}
+    assert not (out / build.STAGED_VIDEOS).exists()  # unpacked videos go when the build is done
+    # with annotations that name the shards' keys
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps([{"video_id": key, "q": "What is shown?", "a": "Shapes."} for key in expected]))
+    run_build(synth_world, tmp_path / "shards2", built[1], annotations=[str(ann)], videos=str(tmp_path / "v2d" / "00000.tar"))
+    assert schema.Manifest.load(tmp_path / "shards2").samples == 4  # one shard given: its four videos
+
+
 def test_readable_by_webdataset_tar_and_datasets(built):
     out = built[0]
     manifest = schema.Manifest.load(out)
