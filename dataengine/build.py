@@ -323,6 +323,9 @@ def writable_folder(path: Path, what: str) -> None:
         raise OSError(errno.ENOTDIR, f"{what}: {existing} is a file, not a folder", str(path))
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what}: cannot create this folder ({exc.strerror})", str(path)) from None
+    try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
         os.close(fd)
         os.unlink(probe)
