@@ -97,6 +97,9 @@ from dataengine import seekplan
 log = logging.getLogger(__name__)
 
 REASONS: tuple[str, ...] = ("missing", "empty", "no_video_stream", "corrupt", "no_frames", "timeout")
+DECODER_VERSION = "pyav-index/1"
+"""Changes whenever the same file and settings can give other frames (a feature-cache key part):
+/1 counts frames without edit-list-discarded packets and stretches non-square pixels."""
 ProbeBackend = Literal["ffprobe", "pyav"]
 Plan = Literal["auto", "sequential", "seek"]
 
@@ -604,7 +607,8 @@ class _SeekMiss(Exception):
 
 def _decode_runs(path: Path, stream_index: int, index: seekplan.PacketIndex, runs: list[seekplan.Run],
                  convert, deadline: _Deadline) -> FrameRead:
-    """Each run from its keyframe; frames matched to indices by pts. Raises _SeekMiss."""
+    """Each run from its first packet (a keyframe, or the stream start); frames matched to indices
+    by pts; unwanted frames that nothing references are skipped. Raises _SeekMiss."""
     import av
 
     frame_of_pts = {index.pts[index.shown[n]]: n for run in runs for n in run.targets}
@@ -630,7 +634,10 @@ def _decode_runs(path: Path, stream_index: int, index: seekplan.PacketIndex, run
             raise _SeekMiss("the stream ended early")
 
         for run_number, run in enumerate(runs):
-            if packets is None or run.start < position or run.start - position > SEEK_AFTER_PACKETS:
+            if packets is None and run.start == 0:
+                packets = container.demux(stream)
+                packet = next_packet()
+            elif packets is None or run.start < position or run.start - position > SEEK_AFTER_PACKETS:
                 start_dts, start_pts = index.dts[run.start], index.pts[run.start]
                 target = start_dts if start_dts is not None else start_pts
                 container.seek(target, stream=stream, backward=True, any_frame=False)
@@ -656,6 +663,11 @@ def _decode_runs(path: Path, stream_index: int, index: seekplan.PacketIndex, run
                 if (packet.pts, packet.dts) != (index.pts[position], index.dts[position]):
                     raise _SeekMiss(f"packet {position} is not the one the index read")
                 fed += 1
+                # A frame that no other frame references and that is not wanted need not be
+                # decoded at all: the decoder skips it (x264's default B-frames: ~half the run).
+                skip = "DEFAULT" if packet.pts in frame_of_pts else "NONREF"
+                if decoder.skip_frame != skip:
+                    decoder.skip_frame = skip
                 try:
                     take(decoder.decode(packet))
                 except av.error.FFmpegError as exc:
@@ -705,15 +717,18 @@ def decode_frames(path: str | os.PathLike, wanted: Iterable[int], *, convert: Ca
             choice, runs, why = seekplan.choose_plan(index, wanted)
     elif plan != "sequential":
         raise ValueError(f"unknown decode plan {plan!r} (auto, sequential or seek)")
-    if choice == "seek":
+    if choice == "sequential" and not seekplan.pts_blocker(index) and wanted[-1] < len(index.shown):
+        # From the first packet, frames known by pts: unwanted unreferenced frames are skipped.
+        runs = [seekplan.sequential_run(index, wanted)]
+    if runs:
         budget = decode_budget(sum(r.packets for r in runs), info, timeout)
         try:
             read = _decode_runs(path, info.stream, index, runs, convert, _Deadline(budget, path, "decoding"))
-            read.why = why
+            read.plan, read.why = choice, why
             return read
         except _SeekMiss as exc:
-            log.warning("%s: the seek plan missed (%s); decoding sequentially", path, exc)
-            why = f"seek plan missed: {exc}"
+            log.warning("%s: the %s plan missed (%s); decoding every frame in order", path, choice, exc)
+            why = f"{choice} plan missed: {exc}"
     budget = decode_budget(seekplan.sequential_cost(index, wanted), info, timeout)
     read = _decode_sequential(path, info.stream, set(wanted), convert, _Deadline(budget, path, "decoding"))
     read.why = why

@@ -52,6 +52,23 @@ class PacketIndex:
         return len(self.pts)
 
 
+def pts_blocker(index: PacketIndex) -> str | None:
+    """Why frames cannot be told apart by presentation timestamp, or None when they can.
+
+    With pts on every packet and no two shown frames sharing one, a decoder that starts at
+    the first packet may skip frames nothing references (they are not wanted) and still know
+    which frame each output is. Otherwise frames are counted as they come out.
+    """
+    if not len(index):
+        return "no packets"
+    if any(p is None for p in index.pts):
+        return "packets without a presentation timestamp"
+    shown_pts = [index.pts[i] for i in index.shown]
+    if len(set(shown_pts)) != len(shown_pts):
+        return "two frames share a presentation timestamp"
+    return None
+
+
 def seek_blocker(index: PacketIndex) -> str | None:
     """Why a seek plan would not be frame-exact on this stream, or None when it is.
 
@@ -62,13 +79,9 @@ def seek_blocker(index: PacketIndex) -> str | None:
     decoding them from the keyframe alone gives different pixels. Variable frame rate is
     no obstacle: frames are matched by pts, never by time arithmetic.
     """
-    if not len(index):
-        return "no packets"
-    if any(p is None for p in index.pts):
-        return "packets without a presentation timestamp"
-    shown_pts = [index.pts[i] for i in index.shown]
-    if len(set(shown_pts)) != len(shown_pts):
-        return "two frames share a presentation timestamp"
+    blocker = pts_blocker(index)
+    if blocker:
+        return blocker
     if not index.key[0]:
         return "the stream does not start with a keyframe"
     keyframe_pts = None
@@ -116,6 +129,14 @@ def seek_runs(index: PacketIndex, wanted: list[int]) -> list[Run]:
         else:
             runs.append(Run(start, end, frozenset({n})))
     return runs
+
+
+def sequential_run(index: PacketIndex, wanted: list[int]) -> Run:
+    """The whole stream from its first packet to the last wanted frame's, as one run.
+
+    Needs ``pts_blocker(index) is None`` (not closed GOPs: nothing is skipped over).
+    """
+    return Run(0, max(index.shown[n] for n in set(wanted)), frozenset(wanted))
 
 
 def sequential_cost(index: PacketIndex, wanted: list[int]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +245,116 @@ def test_sha256_file(tmp_path):
     path.write_bytes(data)
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
     assert sha256_file(path, chunk=4096) == sha256_file(path)
+
+
+# --------------------------------------------------------------------------- whose fault
+
+def test_our_failure_is_not_the_inputs(synth_world, monkeypatch):
+    # A decoder of ours that delivers nothing on a valid video: a full ffmpeg decode reads it
+    # cleanly, so the error says it is ours and shows that command; it is not a DecodeError.
+    from dataengine import decode
+
+    path = synth_world / "videos" / "vid_00000.mp4"
+    def lost(*args, **kwargs):
+        raise decode._SeekMiss("lost")
+
+    monkeypatch.setattr(decode, "_decode_runs", lost)
+    monkeypatch.setattr(decode, "_decode_sequential",
+                        lambda *a, **k: decode.FrameRead({}, "sequential", 30, 0, "lost"))
+    with pytest.raises(decode.InternalDecodeError) as excinfo:
+        decode_video(path, size=SIZE, plan="sequential")
+    message = str(excinfo.value)
+    assert "internal failure" in message and "not the video's fault" in message and str(path) in message
+    assert "ffmpeg -i" in message and "-f null" in message
+    assert not isinstance(excinfo.value, DecodeError)
+    # decode_many does not file it with the input failures: it stops the caller
+    with pytest.raises(decode.InternalDecodeError):
+        list(decode_many([path], workers=1, size=SIZE, plan="sequential"))
+
+
+def test_ffmpeg_rejecting_our_command_is_internal(broken_videos, monkeypatch):
+    # When ffmpeg rejects the command we built (an option error), even a corrupt input must not
+    # be filed as corrupt: the error is ours and shows the command.
+    from dataengine import decode
+
+    real = decode.full_decode_command
+    monkeypatch.setattr(decode, "full_decode_command",
+                        lambda path, stream=None: real(path, stream).global_args("-no_such_option", "1"))
+    with pytest.raises(decode.InternalDecodeError) as excinfo:
+        decode_video(broken_videos["corrupt"].path, size=SIZE)
+    assert "rejected our command" in str(excinfo.value) and "-no_such_option" in str(excinfo.value)
+    assert excinfo.value.command[0] == "ffmpeg"
+
+
+def test_internal_error_crosses_processes(synth_world, monkeypatch):
+    import pickle
+
+    from dataengine.decode import InternalDecodeError
+
+    error = InternalDecodeError("/v.mp4", "boom", ["ffmpeg", "-i", "/v.mp4"])
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.path, again.detail, again.command, str(again)) == (error.path, error.detail, error.command,
+                                                                     str(error))
+
+
+def test_timeout_budget_grows_with_work(synth_world):
+    from dataengine.decode import decode_budget, probe
+
+    info = probe(synth_world / "videos" / "vid_00000.mp4")
+    small, large = decode_budget(100, info, None), decode_budget(100_000, info, None)
+    assert 60 < small < large and large > 10 * (small - 60)
+    assert decode_budget(100_000, info, 5.0) == 5.0  # a number is a fixed budget
+
+
+# --------------------------------------------------------------------------- workers die with the caller
+
+_PARENT = """
+import sys
+from dataengine.decode import decode_many
+paths = sys.argv[1:]
+for n, (path, result) in enumerate(decode_many(paths, workers=2, max_in_flight=4, size=64, plan="sequential")):
+    print("decoded", n, flush=True)
+"""
+
+
+def _processes_marked(marker: bytes) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_workers_die_with_a_killed_parent(synth_world, tmp_path):
+    # A build-like parent decodes through the pool and is killed with -9 mid-run: its workers
+    # (and the forkserver and resource tracker) must not outlive it.
+    import os
+    import signal
+    import time
+    import uuid
+
+    marker = f"VLMR_DEATH_TEST={uuid.uuid4().hex}"
+    paths = [str(synth_world / "videos" / f"vid_{i % 6:05d}.mp4") for i in range(400)]
+    env = dict(os.environ, VLMR_DEATH_TEST=marker.split("=", 1)[1], OMP_NUM_THREADS="1")
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, *paths], stdout=subprocess.PIPE, env=env,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert parent.stdout.readline().startswith(b"decoded")  # the pool is up and working
+        children = [pid for pid in _processes_marked(marker.encode()) if pid != parent.pid]
+        assert len(children) >= 2  # two workers at least (plus forkserver, resource tracker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _processes_marked(marker.encode()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_marked(marker.encode()) == []
+    finally:
+        parent.kill()
+        for pid in _processes_marked(marker.encode()):  # never leave them behind, even on failure
+            os.kill(pid, signal.SIGKILL)
