@@ -104,7 +104,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)
 
-    from train import launch, ppo
+    from train import actor_critic, launch, ppo
 
     dist = launch.setup_distributed()
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as tmp:
@@ -113,7 +113,7 @@ def main() -> int:
                                rollout_batch=args.rollout, step_batch=args.rollout // 2, micro_batch=args.micro_batch,
                                generation_batch=args.generation_batch, max_new_tokens=args.max_new_tokens,
                                max_length=4096, qlora=args.qlora, lr=1e-4, penalize_no_eos=False)
-        model = ppo.ActorCritic.load(config)
+        model = actor_critic.ActorCritic.load(config)
         sizes = ppo.Sizes.of(config, 1)
         ds_config = launch.deepspeed_config(micro_batch=sizes.micro, grad_accum=sizes.grad_accum, zero_stage=2,
                                             precision="fp32", grad_clip=1.0)

@@ -1,15 +1,15 @@
 """`vlmr train ppo`: the model-level statements of correct PPO, and the recipe end to end.
 
 Fast tests run the real models (tiny Llama, 4-bit nf4 base, peft adapters, DeepSpeed on
-CPU) on random video features; they check the statements of shared/reference/facts.md §2
+CPU) on random video features; they check the statements of docs/ppo.md
 that need a model (the math ones are in tests/test_rl.py):
 
-    §2.2  rollout logprobs = update logprobs: ratio exactly 1, clipfrac 0 at the first minibatch
-    §2.3  dropout off: two identical forwards agree (policy, reference, value, reward model)
-    §2.4  tokens after the first EOS change nothing
-    §2.5  responses without EOS are penalised; the EOS rate is what the metrics report
-    §2.9  the same sequence with more or less padding: same logprobs, values and reward
-    §2.10 rollout tensors frozen during the update; each sample once per PPO epoch
+    P2  rollout logprobs = update logprobs: ratio exactly 1, clipfrac 0 at the first minibatch
+    P3  dropout off: two identical forwards agree (policy, reference, value, reward model)
+    P4  tokens after the first EOS change nothing
+    P5  responses without EOS are penalised; the EOS rate is what the metrics report
+    P9  the same sequence with more or less padding: same logprobs, values and reward
+    P10 rollout tensors frozen during the update; each sample once per PPO epoch
 
 Slow tests run on the synthetic world (the fixture ``world_models``): shards built by
 `build-shards`, a policy from 30 SFT steps on the easy stage, and a reward model trained
@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train import ppo, rl
+from train import actor_critic, ppo, rl
 
 REPO = Path(__file__).resolve().parents[1]
 FEAT_ROWS, FEAT_DIM = 5, 64
@@ -87,7 +87,7 @@ def setup(folders):
 
     dist = launch.setup_distributed()
     config = small_config(folders)
-    model = ppo.ActorCritic.load(config)
+    model = actor_critic.ActorCritic.load(config)
     sizes = ppo.Sizes.of(config, 1)
     ds_config = launch.deepspeed_config(micro_batch=sizes.micro, grad_accum=sizes.grad_accum, zero_stage=2,
                                         precision="fp32", grad_clip=1.0)
@@ -136,7 +136,7 @@ def test_one_shared_4bit_base_and_reference_is_the_sft_model(setup, folders):
     base_layers = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     sft = VideoLMM.load(folders.sft, qlora=True)
     assert base_layers == sum(isinstance(m, bnb.nn.Linear4bit) for m in sft.modules()) > 0
-    trainable = {ppo._adapter_of(n) for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {actor_critic._adapter_of(n) for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"policy", "value", None}  # None: the value head
     assert all(p.requires_grad for p in model.value_head.parameters())
     # reference = SFT exactly (PPO adapter off), and a fresh PPO adapter starts as the SFT model
@@ -176,17 +176,17 @@ def test_reward_model_on_another_base_gets_a_base_of_its_own(setup, folders, tmp
     data = json.loads((rm / MODEL_CONFIG).read_text())
     data["settings"]["lm"] = str(other_lm)
     (rm / MODEL_CONFIG).write_text(json.dumps(data))
-    model = ppo.ActorCritic.load(small_config(folders, reward_model=str(rm)))
+    model = actor_critic.ActorCritic.load(small_config(folders, reward_model=str(rm)))
     assert model.critic_lm is not None and model.critic_lm is not model.lm
     feats, questions = [s["feat"] for s in setup.samples[:2]], [s["question"] for s in setup.samples[:2]]
     responses = [[7, 9, 2], [11, 12]]
     torch.testing.assert_close(model.score(feats, questions, responses, None, 2),
                                setup.model.score(feats, questions, responses, None, 2), atol=1e-5, rtol=0)
-    trainable = {ppo._adapter_of(n) for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {actor_critic._adapter_of(n) for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"policy", "value", None}
 
 
-def test_dropout_is_off_and_identical_forwards_agree(setup):  # §2.3
+def test_dropout_is_off_and_identical_forwards_agree(setup):  # P3
     model = setup.model
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     responses = torch.tensor([[5, 6, 7, 2], [8, 9, 10, 11]])
@@ -202,7 +202,7 @@ def test_dropout_is_off_and_identical_forwards_agree(setup):  # §2.3
                        model.score(feats, questions, [[5, 2], [6, 7]], None, 2))
 
 
-def test_logprobs_read_the_positions_generation_samples_from(setup):  # §2.2: same slicing
+def test_logprobs_read_the_positions_generation_samples_from(setup):  # P2: same slicing
     from train.model import pad_sequences
 
     model = setup.model
@@ -225,7 +225,7 @@ def test_logprobs_read_the_positions_generation_samples_from(setup):  # §2.2: s
 
 # ---------------------------------------------------------------------------- rollouts and updates
 
-def test_first_minibatch_ratio_is_exactly_one_and_rollouts_stay_frozen(setup):  # §2.2, §2.10
+def test_first_minibatch_ratio_is_exactly_one_and_rollouts_stay_frozen(setup):  # P2, P10
     ro = fresh_rollout(setup)
     frozen = {name: getattr(ro, name).clone() for name in ("responses", "mask", "logprobs", "ref_logprobs", "values",
                                                            "rewards", "advantages", "returns")}
@@ -255,7 +255,7 @@ def test_first_minibatch_ratio_is_exactly_one_and_rollouts_stay_frozen(setup):  
     assert orders[0] != orders[1]
 
 
-def test_tokens_after_eos_change_nothing(setup):  # §2.4
+def test_tokens_after_eos_change_nothing(setup):  # P4
     eos = setup.model.views["policy"].eos_token_id
     pad = setup.model.views["policy"].pad_token_id
     assert pad != eos
@@ -276,7 +276,7 @@ def test_tokens_after_eos_change_nothing(setup):  # §2.4
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-def test_missing_eos_is_penalised_and_eos_rate_reported(setup, tmp_path):  # §2.5
+def test_missing_eos_is_penalised_and_eos_rate_reported(setup, tmp_path):  # P5
     eos = setup.model.views["policy"].eos_token_id
     n = len(setup.samples)
     responses = torch.tensor([[12, 13, 14, 15]] * n)
@@ -320,7 +320,7 @@ def test_rollout_whitens_over_ranks_under_nccl(setup, monkeypatch):
     assert not torch.allclose(twins.advantages, alone.advantages)  # n-1 vs 2n-1: the sums did travel
 
 
-def test_padding_changes_no_logprob_value_or_reward(setup):  # §2.9
+def test_padding_changes_no_logprob_value_or_reward(setup):  # P9
     eos = setup.model.views["policy"].eos_token_id
     short = torch.tensor([[21, 22, eos]])
     alone, _ = inputs_of(setup, short, torch.tensor([3]), rows=[0])
@@ -343,7 +343,7 @@ def test_saved_policy_is_a_video_lmm_computing_the_same_function(setup, tmp_path
     from train.model import VideoLMM
 
     model = setup.model
-    policy = {n: p for n, p in model.lm.named_parameters() if ppo._adapter_of(n) == "policy"}
+    policy = {n: p for n, p in model.lm.named_parameters() if actor_critic._adapter_of(n) == "policy"}
     saved = {n: p.detach().clone() for n, p in policy.items()}
     g = torch.Generator().manual_seed(9)
     try:
@@ -377,7 +377,7 @@ def test_concat_lora_sums_the_adapters():
     first = {"m.q.lora_A.weight": a1, "m.q.lora_B.weight": b1}
     second = {"m.q.lora_A.weight": a2, "m.q.lora_B.weight": b2, "m.v.lora_A.weight": only2[0],
               "m.v.lora_B.weight": only2[1]}
-    out, rank, targets = ppo.concat_lora([first, second], [{"m.q": 2.0}, {"m.q": 0.5, "m.v": 0.25}])
+    out, rank, targets = actor_critic.concat_lora([first, second], [{"m.q": 2.0}, {"m.q": 0.5, "m.v": 0.25}])
     assert rank == 6 and targets == {"q", "v"}
     torch.testing.assert_close(out["m.q.lora_B.weight"] @ out["m.q.lora_A.weight"], 2.0 * b1 @ a1 + 0.5 * b2 @ a2)
     torch.testing.assert_close(out["m.v.lora_B.weight"] @ out["m.v.lora_A.weight"], 0.25 * only2[1] @ only2[0])

@@ -1,6 +1,6 @@
 """train/rl.py against values worked out by hand, and the invariances of correct PPO.
 
-Each test names the statement of shared/reference/facts.md §2 it checks (the model-level
+Each test names the statement of docs/ppo.md (P1-P10) it checks (the model-level
 halves of statements 2, 3, 4, 9 and 10 are in tests/test_ppo.py).
 """
 
@@ -17,7 +17,7 @@ def t(rows):
     return torch.tensor(rows, dtype=torch.float32)
 
 
-# ---------------------------------------------------------------------------- logprobs (§2.2)
+# ---------------------------------------------------------------------------- logprobs (P2)
 
 def test_logprobs_hand_computed_with_temperature():
     logits = torch.tensor([[[0.0, math.log(3.0)]]])
@@ -49,7 +49,7 @@ def test_entropy_uniform_and_one_hot():
     assert rl.logprobs_from_logits(suppressed, torch.tensor([[2]])).item() == pytest.approx(-math.log(2))
 
 
-# ---------------------------------------------------------------------------- masks (§2.4, §2.5)
+# ---------------------------------------------------------------------------- masks (P4, P5)
 
 def test_response_mask_stops_at_first_eos_and_generated_length():
     eos = 2
@@ -99,7 +99,7 @@ def test_shaped_scores_penalise_missing_eos_and_length():
     torch.testing.assert_close(kept, scores)
 
 
-# ---------------------------------------------------------------------------- rewards (§2.1)
+# ---------------------------------------------------------------------------- rewards (P1)
 
 def test_kl_penalized_rewards_hand_computed():
     rewards, kl = rl.kl_penalized_rewards(
@@ -124,7 +124,7 @@ def test_score_added_once_at_last_valid_token_per_row():
     assert bool((rewards[mask == 0] == 0).all())
 
 
-# ---------------------------------------------------------------------------- masked statistics (§2.7)
+# ---------------------------------------------------------------------------- masked statistics (P7)
 
 def test_masked_mean_var_whiten_hand_computed():
     x, mask = t([[1, 2, 3, 9]]), t([[1, 1, 1, 0]])
@@ -179,7 +179,7 @@ def test_whitening_over_ranks_equals_whitening_the_concatenated_batch():
     assert not torch.allclose(rl.masked_whiten(*halves[0]), full[:3])
 
 
-# ---------------------------------------------------------------------------- GAE (§2.6)
+# ---------------------------------------------------------------------------- GAE (P6)
 
 def test_gae_hand_computed():
     adv, ret = rl.gae(t([[0, 1, 5]]), t([[1, 2, 7]]), t([[1, 1, 0]]), gamma=0.9, lam=0.5)
@@ -212,7 +212,7 @@ def test_gae_matches_the_direct_sum_and_is_padding_invariant():
             assert float(adv[b, k]) == pytest.approx(direct, abs=1e-5)
         assert bool((adv[b, n:] == 0).all()) and bool((ret[b, n:] == 0).all())
     torch.testing.assert_close(ret, (adv + values) * mask)
-    # garbage in padding changes nothing; more padding columns change nothing (§2.9)
+    # garbage in padding changes nothing; more padding columns change nothing (P9)
     noisy_r = rewards + (1 - mask) * 50
     noisy_v = values - (1 - mask) * 50
     adv2, ret2 = rl.gae(noisy_r, noisy_v, mask, gamma, lam)
@@ -223,7 +223,7 @@ def test_gae_matches_the_direct_sum_and_is_padding_invariant():
     torch.testing.assert_close(padded[1][:, :T], ret)
 
 
-# ---------------------------------------------------------------------------- losses (§2.8)
+# ---------------------------------------------------------------------------- losses (P8)
 
 def test_policy_loss_hand_computed():
     old = torch.zeros(1, 2)
@@ -286,7 +286,7 @@ def test_explained_variance():
     assert math.isnan(rl.explained_variance(returns, torch.ones(1, 4), mask))
 
 
-# ---------------------------------------------------------------------------- minibatches (§2.10)
+# ---------------------------------------------------------------------------- minibatches (P10)
 
 def test_minibatches_use_each_sample_exactly_once_per_epoch():
     for seed in range(3):

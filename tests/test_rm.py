@@ -23,8 +23,8 @@ import torch
 import rm_fixtures
 from dataengine.config import ConfigError, parse_config
 from train import rm
-from train.reward import (RewardModel, RewardStats, as_prompt, bradley_terry_loss, encode_response,
-                          last_valid_index, with_narrative)
+from train.reward import RewardModel, RewardStats, as_prompt, bradley_terry_loss, encode_response, with_narrative
+from train.rl import last_valid_index
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What colour is the circle?"

@@ -423,3 +423,27 @@ def test_shipped_tiny_config_learns_one_word_answers(tmp_path):
         right[kind] += text == sample["json"]["conversations"][1]["value"]
     for kind, count in right.items():
         assert count / 20 >= 0.6, right  # 20 held-out questions of each kind
+
+
+@pytest.mark.slow
+def test_overwrite_an_old_run_then_resume(shards):
+    """Issue 16.2 end to end: an old, longer run's folder (step-21, step-24, latest, metrics).
+    A fresh run there is refused; with --overwrite the new step-3 and step-6 survive pruning,
+    latest names step-6, and --resume finishes the run."""
+    from test_runs import old_run
+
+    out = old_run(shards.parent / "reused")
+    args = ["--shards", str(shards), "--output", str(out), "--save-every", "3", *BASE]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    refused = subprocess.run([sys.executable, str(ROOT / "train" / "sft.py"), *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=240)
+    assert refused.returncode != 0 and "holds an earlier run" in refused.stderr
+    run_recipe([*args, "--overwrite", "--stop-after-steps", "7"])
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000003", "step-00000006"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000006"
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, 8))  # the old line is gone
+    run_recipe([*args, "--resume"])
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")][-1] == 17
+    assert (out / "model").exists() and (out / "notes.txt").exists()

@@ -36,10 +36,9 @@ import random
 import shutil
 import socket
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -373,4 +372,9 @@ def run_recipe(config_cls: type, train: Callable[[Any, dist.Ranks], dict[str, An
     ranks = setup_distributed()
     if not ranks.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    return config, ranks, train(config, ranks)
+    from train.runs import RunFolderInUse
+
+    try:
+        return config, ranks, train(config, ranks)
+    except RunFolderInUse as exc:  # a user's choice to make, not a crash: one line, exit status 1
+        raise SystemExit(f"{prog}: {exc}") from None

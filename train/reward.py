@@ -50,6 +50,7 @@ from torch import nn
 
 from dataengine.schema import write_text_atomic
 from train import conversation
+from train.rl import last_valid_index
 from train.model import ModelSettings, VideoLMM, pad_sequences
 
 log = logging.getLogger(__name__)
@@ -155,15 +156,6 @@ def encode_response(prompt: str | Sequence[dict[str, Any]], response: str | Sequ
     return ids + tail + [eos]
 
 
-def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last position with mask 1 in each row, for either padding side.
-
-    E.g. mask [[1, 1, 0], [0, 1, 1]] → [1, 2].
-    """
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return (positions * mask.long()).argmax(dim=1)
-
-
 # ------------------------------------------------------------------------------ statistics
 
 @dataclass
@@ -244,23 +236,10 @@ class RewardModel(nn.Module):
              dtype: str | None = None) -> "RewardModel":
         """A saved reward model; frozen unless ``trainable``. ``qlora``/``dtype`` override how
         the base is loaded (e.g. 4-bit for PPO)."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
-        config_path = folder / REWARD_CONFIG
-        if not config_path.exists():
-            raise FileNotFoundError(f"{folder}: no {REWARD_CONFIG} (not a saved reward model)")
-        data = json.loads(config_path.read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{config_path}: unknown format {data.get('format')!r}, expected {FORMAT!r}")
+        data = read_reward_config(folder)
         lmm = VideoLMM.load(folder, trainable=trainable, qlora=qlora, dtype=dtype)
-        head = nn.Linear(hidden_size(lmm), 1)
-        weights = load_file(str(folder / HEAD_FILE))
-        try:
-            head.load_state_dict(weights)
-        except RuntimeError as exc:
-            raise ValueError(f"{folder / HEAD_FILE}: does not fit hidden size {hidden_size(lmm)}: {exc}") from exc
-        head.to(lmm.dtype).requires_grad_(trainable)
+        head = load_head(folder, hidden_size(lmm), lmm.dtype, trainable=trainable)
         model = cls(lmm, head, context=data["context"], max_length=int(data["max_length"]),
                     stats=RewardStats(**data["stats"]))
         if not trainable:
@@ -376,6 +355,30 @@ class RewardModel(nn.Module):
             raise ValueError("this reward model has no statistics (a mid-run checkpoint?): "
                              "use the final model folder written by `vlmr train rm`")
         return (scores - self.stats.mean) / max(self.stats.std, 1e-8)
+
+
+def read_reward_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """A saved reward model's ``reward_model.json`` (format, context, max_length, stats), checked."""
+    config_path = Path(folder) / REWARD_CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"{folder}: no {REWARD_CONFIG} (not a saved reward model)")
+    data = json.loads(config_path.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{config_path}: unknown format {data.get('format')!r}, expected {FORMAT!r}")
+    return data
+
+
+def load_head(folder: str | os.PathLike, hidden: int, dtype: torch.dtype, *, trainable: bool = False) -> nn.Linear:
+    """A saved reward model's scalar head (``score_head.safetensors``) for hidden size ``hidden``."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / HEAD_FILE
+    head = nn.Linear(hidden, 1)
+    try:
+        head.load_state_dict(load_file(str(path)))
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: does not fit hidden size {hidden}: {exc}") from exc
+    return head.to(dtype).requires_grad_(trainable)
 
 
 def hidden_size(lmm: VideoLMM) -> int:

@@ -10,7 +10,8 @@ by count). Nothing here touches a model, a file or the process group; the recipe
 (``train/ppo.py``) wires these into rollouts and updates, and ``tests/test_rl.py`` checks
 each against values worked out by hand.
 
-The pieces, in the order a PPO step uses them (shared/reference/facts.md §2):
+The pieces, in the order a PPO step uses them (the properties P1-P10 they guarantee are in
+``docs/ppo.md``):
 
 1. :func:`logprobs_from_logits` / :func:`entropy_from_logits` — one function for rollout,
    reference and update time, so the same temperature scaling and slicing apply everywhere.
@@ -98,14 +99,18 @@ def only_valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last valid token: (B, T) → (B,) long. Every row needs one."""
-    counts = mask.sum(dim=1)
-    if bool((counts < 1).any()):
-        raise ValueError("a response has no valid token (empty responses cannot be scored)")
+    """Index of each row's last valid token, for either padding side: (B, T) → (B,) long.
+
+    E.g. mask [[1, 1, 0], [0, 1, 1]] → [1, 2]. Every row needs a valid token: an empty row
+    has no last token to read a score from, and is an error rather than a silent 0. (The one
+    rule for PPO's rewards and the reward model's scored token.)
+    """
+    valid = mask.to(torch.long)
+    if bool((valid.sum(dim=1) < 1).any()):
+        raise ValueError("a row has no valid token (an empty sequence cannot be scored)")
     T = mask.shape[1]
-    # the largest valid position: argmax over position-weighted mask
-    weighted = mask * torch.arange(1, T + 1, device=mask.device, dtype=mask.dtype)
-    return weighted.argmax(dim=1)
+    # the largest valid position: argmax over the position-weighted mask
+    return (valid * torch.arange(1, T + 1, device=mask.device)).argmax(dim=1)
 
 
 # ------------------------------------------------------------------------------ rewards
