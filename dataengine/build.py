@@ -39,7 +39,7 @@ from typing import Any, Iterator, Literal
 from tqdm import tqdm
 
 from dataengine import config as cfg
-from dataengine import decode, features, ingest, lock, models, pack, schema
+from dataengine import decode, dist, features, ingest, lock, models, pack, schema
 
 log = logging.getLogger(__name__)
 
@@ -146,40 +146,6 @@ class BuildSummary:
             f"shards: {self.shards}, {self.bytes / 1e6:.1f} MB",
             f"time: {times}",
         ]
-
-
-# ----------------------------------------------------------------------------- distributed
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-    def init(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo")
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- phases
@@ -350,24 +316,24 @@ def describe_os_error(exc: OSError) -> str:
     return f"{exc.filename}: {exc.strerror or exc}"
 
 
-def build(config: BuildConfig, dist: Dist | None = None) -> BuildSummary:
+def build(config: BuildConfig, ranks: dist.Ranks | None = None) -> BuildSummary:
     """The whole build; returns its summary (rank 0 holds the complete one).
 
     Rank 0 holds the output folder's lock (:mod:`dataengine.lock`) for the whole build, so
     a second build into the same ``--out`` is refused before it touches anything; the other
     ranks start once it holds it.
     """
-    dist = dist or Dist()
+    ranks = ranks or dist.Ranks(device=dist.pick_device(config.device))
     check_outputs(config)
-    if dist.rank != 0:
-        dist.barrier()  # rank 0 holds the lock
-        return build_locked(config, dist)
+    if not ranks.is_main:
+        ranks.barrier()  # rank 0 holds the lock
+        return build_locked(config, ranks)
     with lock.FolderLock(config.out, command="build-shards"):
-        dist.barrier()
-        return build_locked(config, dist)
+        ranks.barrier()
+        return build_locked(config, ranks)
 
 
-def stage_videos(config: BuildConfig, dist: Dist) -> tuple[Path, list[str]]:
+def stage_videos(config: BuildConfig, ranks: dist.Ranks) -> tuple[Path, list[str]]:
     """The videos folder and annotation files of the build. Videos given as webdataset shards
     are unpacked by rank 0 into ``OUT/.staged-videos`` (removed when the build is done); their
     captions are the annotations when none are given."""
@@ -375,19 +341,19 @@ def stage_videos(config: BuildConfig, dist: Dist) -> tuple[Path, list[str]]:
     if not shards:
         return Path(config.videos), list(config.annotations)
     staged = Path(config.out) / STAGED_VIDEOS
-    if dist.rank == 0:
+    if ranks.is_main:
         ingest.stage_video_shards(shards, staged)
-    dist.barrier()
+    ranks.barrier()
     return staged / "videos", list(config.annotations) or [str(staged / ingest.CAPTIONS_NAME)]
 
 
-def build_locked(config: BuildConfig, dist: Dist) -> BuildSummary:
+def build_locked(config: BuildConfig, ranks: dist.Ranks) -> BuildSummary:
     summary = BuildSummary()
     out = Path(config.out)
 
     t0 = time.perf_counter()
     stats = ingest.IngestStats()
-    videos, annotations = stage_videos(config, dist)
+    videos, annotations = stage_videos(config, ranks)
     records = ingest.read_all(annotations, on_error=config.on_error, stats=stats)
     summary.records_skipped = stats.skipped
     index = ingest.index_videos(videos)
@@ -396,29 +362,28 @@ def build_locked(config: BuildConfig, dist: Dist) -> BuildSummary:
     summary.seconds["ingest"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    device = f"cuda:{dist.local_rank}" if config.device == "cuda" else "cpu"
-    encoder = features.ClipEncoder(config.encoder, device=device, batch_size=config.batch_size)
+    encoder = features.ClipEncoder(config.encoder, device=str(ranks.device), batch_size=config.batch_size)
     cache = features.FeatureCache(cache_folder(config))
     settings = decode_settings(config, encoder.identity, encoder.image_size)
-    mine = jobs[dist.rank::dist.world_size]
+    mine = jobs[ranks.rank::ranks.world_size]
     outcomes = []
     for job, reason, message in encode_videos(mine, config, cache, encoder, settings,
-                                              show_progress=dist.rank == 0):
+                                              show_progress=ranks.is_main):
         outcomes += [{"video_id": video_id, "path": str(job.path) if job.path else None, "samples": samples,
                       "key": job.cache_key, "reason": reason, "message": message}
                      for video_id, samples in job.video_ids.items()]
         if reason is not None:
             log.warning("left out %d sample(s) of %s: %s", job.samples, job.name, message)
     summary.seconds["encode"] = time.perf_counter() - t0
-    if dist.world_size > 1:
+    if ranks.world_size > 1:
         # Each rank leaves its outcomes beside the output; rank 0 merges them after the barrier.
-        schema.write_text_atomic(out / f".outcomes-rank{dist.rank}.jsonl",
+        schema.write_text_atomic(out / f".outcomes-rank{ranks.rank}.jsonl",
                                  "".join(json.dumps(o) + "\n" for o in outcomes))
-        dist.barrier()
-        if dist.rank != 0:
+        ranks.barrier()
+        if not ranks.is_main:
             return summary
         outcomes = []
-        for r in range(dist.world_size):
+        for r in range(ranks.world_size):
             path = out / f".outcomes-rank{r}.jsonl"
             outcomes += [json.loads(line) for line in path.read_text().splitlines()]
             path.unlink()
@@ -470,10 +435,10 @@ def main(argv: list[str] | None = None, prog: str = "vlmr build-shards") -> int:
     except cfg.ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    dist = Dist.from_env()
-    dist.init()
+    created = dist.init("gloo")  # the ranks only meet at barriers; features travel through the cache
+    ranks = dist.Ranks.from_env(config.device)
     try:
-        summary = build(config, dist)
+        summary = build(config, ranks)
     except (ingest.IngestError, lock.FolderLocked) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
@@ -481,8 +446,9 @@ def main(argv: list[str] | None = None, prog: str = "vlmr build-shards") -> int:
         print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
     finally:
-        dist.close()
-    if dist.rank == 0:
+        if created:
+            dist.close()
+    if ranks.is_main:
         print(f"built {config.out}")
         for line in summary.lines():
             print("  " + line)

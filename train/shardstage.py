@@ -50,7 +50,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
@@ -65,7 +64,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import torch
 from tqdm import tqdm
 
-from dataengine import pack, schema
+from dataengine import dist, pack, schema
 from dataengine.lock import FolderLock, FolderLocked
 from dataengine.reader import ShardReader
 from dataengine.schema import Manifest, ShardInfo, StageInfo, write_text_atomic
@@ -85,53 +84,26 @@ _READER_KEYS = ("key", "stage", "shard", "substitute_for")
 
 # ------------------------------------------------------------------------------ ranks
 
-@dataclass(frozen=True)
-class RankInfo:
-    """This process's place among the ranks (from torchrun's environment; one process by default)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "RankInfo":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
+RankInfo = dist.Ranks
+"""This process's place among the ranks (the one :class:`dataengine.dist.Ranks`; the name the
+stages and their tests use)."""
 
 
 @contextlib.contextmanager
 def process_group(ranks: RankInfo):
-    """A gloo process group for ``ranks.world_size > 1`` (barriers only: the stages exchange
-    nothing but files). Joins an existing group; destroys only a group it created."""
-    created = False
-    if ranks.world_size > 1 and not torch.distributed.is_initialized():
-        # Ranks meet only at the start and the end; a rank with more (or slower) units makes
-        # the others wait at the last barrier for longer than gloo's default 30 minutes. A rank
-        # that fails is ended by the launcher, so a long timeout never hides a crash.
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
-        created = True
+    """The group of ``ranks`` over gloo (barriers only: the stages exchange nothing but files),
+    with :mod:`dataengine.dist`'s one timeout. Joins an existing group; destroys only one it created."""
+    created = dist.init("gloo") if ranks.world_size > 1 else False
     try:
         yield ranks
     finally:
-        if created and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if created:
+            dist.close()
 
 
 def pick_device(requested: str, ranks: RankInfo) -> torch.device:
-    """``auto``: this rank's GPU when there is one, else the CPU."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested, but torch sees no CUDA device")
-    return torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+    """``auto``: this rank's GPU when there is one, else the CPU (see :func:`dataengine.dist.pick_device`)."""
+    return dist.pick_device(requested, ranks.local_rank)
 
 
 # ------------------------------------------------------------------------------ units
