@@ -279,7 +279,7 @@ class PairPreparer:
         import collections
         import functools
 
-        from dataengine.reader import LengthGuard
+        from train.length import LengthGuard
         from train import conversation
 
         self.tokenizer = tokenizer

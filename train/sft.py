@@ -143,7 +143,7 @@ class SamplePreparer:
     def __init__(self, tokenizer, max_length: int, policy: str, on_error: str = "raise"):
         import functools
 
-        from dataengine.reader import LengthGuard
+        from train.length import LengthGuard
         from train import conversation
 
         self.tokenizer = tokenizer
