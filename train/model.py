@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from dataengine.models import load_tokenizer, resolve_lm
+from dataengine.models import load_tokenizer, quiet_loading, resolve_lm
 from dataengine.schema import write_text_atomic
 from train import conversation
 from train.conversation import IGNORE_INDEX
@@ -55,6 +55,7 @@ PROJECTOR_FILE = "projector.safetensors"
 FORMAT = "vlmr-model/1"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
 @dataclass
@@ -75,6 +76,9 @@ class ModelSettings:
     """Dtype of the frozen base weights and compute: float32 or bfloat16."""
     template: str = conversation.DEFAULT_TEMPLATE
     """Chat template: 'vicuna_v1' (LLaVA-1.5/Vicuna) or 'tokenizer' (the checkpoint's own)."""
+    projector_act: str = "relu"
+    """The projector's activation: relu (paper §4.1) or gelu (LLaVA-1.5's mlp2x_gelu; set
+    when the base is a LLaVA folder, whose pretrained projector is loaded)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -86,6 +90,8 @@ class ModelSettings:
             problems.append("lora_dropout must be in [0, 1)")
         if self.feat_dim < 1:
             problems.append("feat_dim must be >= 1")
+        if self.projector_act not in ACTIVATIONS:
+            problems.append(f"projector_act {self.projector_act!r} not one of {sorted(ACTIVATIONS)}")
         if self.template not in conversation.TEMPLATES:
             problems.append(f"template {self.template!r} not one of {sorted(conversation.TEMPLATES)}")
         if problems:
@@ -109,6 +115,7 @@ def _load_base(settings: ModelSettings):
     from transformers import AutoModelForCausalLM
 
     path = str(resolve_lm(settings.lm))
+    llava = llava_layout(path) if settings.lm != "tiny" else None
     dtype = DTYPES[settings.dtype]
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
     if settings.qlora:
@@ -118,7 +125,11 @@ def _load_base(settings: ModelSettings):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": "cuda" if torch.cuda.is_available() else "cpu"}
-    base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if llava is not None:
+        # The LM of a LLaVA folder: its text config and weights under the layout's names.
+        kwargs.update(config=llava.text_config(), key_mapping=llava.key_mapping or None)
+    with quiet_loading():  # a LLaVA folder reports its vision tower and projector as unexpected
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     # Dropout off in the base: two identical forwards must agree (PPO and exact resume).
     for name in ("attention_dropout", "hidden_dropout", "dropout"):
         if isinstance(getattr(base.config, name, None), float):
@@ -214,11 +225,18 @@ class VideoLMM(nn.Module):
             settings.lm = str(Path(settings.lm).expanduser().resolve())
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_lm(settings.lm))
+        llava = llava_layout(settings.lm) if str(settings.lm) != "tiny" else None
+        if llava is not None:
+            settings.projector_act = llava.activation
         base = _load_base(settings)
         hidden = int(base.config.hidden_size)
         with _seeded(seed):
             lm = get_peft_model(base, _lora_config(settings))
-            projector = make_projector(settings.feat_dim, hidden)
+            projector = make_projector(settings.feat_dim, hidden, settings.projector_act)
+        if llava is not None:
+            # Start from LLaVA-1.5: its pretrained projector, trained further from there.
+            projector.load_state_dict(llava.projector_state(settings.feat_dim, hidden))
+            log.info("projector loaded from the LLaVA checkpoint %s (%s layout)", settings.lm, llava.name)
         model = cls(lm, projector.to(_compute_dtype(settings)), tokenizer, settings)
         model.check_vocab()
         return model
@@ -232,16 +250,9 @@ class VideoLMM(nn.Module):
         ``qlora``/``dtype`` override how the base is loaded (e.g. 4-bit for PPO).
         """
         from peft import PeftModel
-        from safetensors.torch import load_file
 
         folder = Path(folder)
-        config_path = folder / MODEL_CONFIG
-        if not config_path.exists():
-            raise FileNotFoundError(f"{folder}: no {MODEL_CONFIG} (not a saved VideoLMM)")
-        data = json.loads(config_path.read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{config_path}: unknown format {data.get('format')!r}, expected {FORMAT!r}")
-        settings = ModelSettings(**data["settings"])
+        settings = saved_settings(folder)
         if qlora is not None:
             settings.qlora = qlora
         if dtype is not None:
@@ -249,8 +260,7 @@ class VideoLMM(nn.Module):
         tokenizer = load_tokenizer(folder)
         base = _load_base(settings)
         lm = PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
-        projector = make_projector(settings.feat_dim, int(base.config.hidden_size))
-        projector.load_state_dict(load_file(str(folder / PROJECTOR_FILE)))
+        projector = load_projector(folder, int(base.config.hidden_size))
         projector.to(_compute_dtype(settings)).requires_grad_(trainable)
         model = cls(lm, projector, tokenizer, settings)
         model.check_vocab()
@@ -488,9 +498,148 @@ def suppress_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
     return logits.index_fill(-1, torch.tensor([token_id], device=logits.device), float("-inf"))
 
 
-def make_projector(feat_dim: int, hidden: int) -> nn.Sequential:
-    """Two linear layers with ReLU between (paper §4.1): (…, D_clip) → (…, H)."""
-    return nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+def make_projector(feat_dim: int, hidden: int, activation: str = "relu") -> nn.Sequential:
+    """Two linear layers with an activation between: (…, D_clip) → (…, H). ReLU as in the
+    paper (§4.1); GELU for LLaVA-1.5's projector (its ``mlp2x_gelu``). The parameter names
+    (``0.*``, ``2.*``) are those of LLaVA's ``mm_projector``."""
+    return nn.Sequential(nn.Linear(feat_dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, hidden))
+
+
+def saved_settings(folder: str | os.PathLike) -> ModelSettings:
+    """The :class:`ModelSettings` of a saved model folder (its ``vlmr_model.json``)."""
+    config_path = Path(folder) / MODEL_CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"{folder}: no {MODEL_CONFIG} (not a saved VideoLMM)")
+    data = json.loads(config_path.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{config_path}: unknown format {data.get('format')!r}, expected {FORMAT!r}")
+    return ModelSettings(**data["settings"])
+
+
+def load_projector(folder: str | os.PathLike, hidden: int) -> nn.Sequential:
+    """The trained projector of a saved model folder (float32, CPU), shaped by its settings."""
+    from safetensors.torch import load_file
+
+    settings = saved_settings(folder)
+    projector = make_projector(settings.feat_dim, hidden, settings.projector_act)
+    projector.load_state_dict(load_file(str(Path(folder) / PROJECTOR_FILE)))
+    return projector
+
+
+# ------------------------------------------------------------------------------ LLaVA checkpoints
+
+@dataclass(frozen=True)
+class LlavaLayout:
+    """How a LLaVA-1.5 folder stores its language model and its pretrained projector.
+
+    ``hf``: transformers' ``LlavaForConditionalGeneration`` (``llava-hf/llava-1.5-7b-hf``):
+    ``config.json`` with ``model_type: llava`` and a ``text_config``; weights
+    ``language_model.model.*``/``language_model.lm_head.*`` (as converted for the hub) or
+    ``model.language_model.*``/``lm_head.*`` (as transformers 5 saves it), the projector
+    ``[model.]multi_modal_projector.linear_1|linear_2.*`` with ``projector_hidden_act``.
+    ``original``: haotian-liu/LLaVA (``liuhaotian/llava-v1.5-7b``, or a pretraining output
+    with ``mm_projector.bin``): a Llama ``config.json`` with ``mm_projector_type:
+    mlp2x_gelu`` and ``mm_hidden_size``; weights under the plain Llama names plus
+    ``model.mm_projector.0|2.*``, in the weight files or in ``mm_projector.bin``.
+    """
+
+    name: str
+    folder: Path
+    config: dict
+    key_mapping: dict[str, str]
+    """Checkpoint key pattern → ``LlamaForCausalLM`` key prefix (regex, for from_pretrained)."""
+    projector_keys: tuple[str, str]
+    """Regexes of the first and second linear layer's parameter prefixes."""
+    activation: str
+
+    def text_config(self):
+        """The LM's transformers config (a ``LlamaConfig`` for LLaVA-1.5)."""
+        from transformers import AutoConfig
+
+        text = dict(self.config.get("text_config", {}) if self.name == "hf" else self.config)
+        model_type = text.pop("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2") and model_type.endswith("llama"):
+            model_type = "llama"  # the original code's llava_llama is a Llama
+        for key in ("architectures", "auto_map", "_name_or_path", "transformers_version"):
+            text.pop(key, None)
+        return AutoConfig.for_model(model_type, **text)
+
+    def projector_state(self, feat_dim: int, hidden: int) -> dict[str, torch.Tensor]:
+        """The pretrained projector as this module's ``make_projector`` names it (``0.*``, ``2.*``).
+
+        Errors name the folder and the widths when the features do not fit the projector.
+        """
+        import re
+
+        found: dict[str, torch.Tensor] = {}
+        patterns = [(re.compile(rf"^{prefix}\.(weight|bias)$"), index)
+                    for prefix, index in zip(self.projector_keys, ("0", "2"))]
+        for name, tensor in _weights_matching(self.folder, [p for p, _ in patterns]):
+            for pattern, index in patterns:
+                match = pattern.match(name)
+                if match:
+                    found.setdefault(f"{index}.{match.group(1)}", tensor.float())
+        expected = {"0.weight", "0.bias", "2.weight", "2.bias"}
+        if set(found) != expected:
+            raise ValueError(f"{self.folder}: {self.name} LLaVA layout, but the projector weights "
+                             f"{sorted(expected - set(found))} were not found")
+        shape = tuple(found["0.weight"].shape)
+        if shape != (hidden, feat_dim):
+            raise ValueError(f"{self.folder}: the pretrained projector maps {shape[1]}-wide features to {shape[0]}, "
+                             f"but the features are {feat_dim} wide and the LM {hidden} (build the shards with "
+                             "the encoder this LLaVA was trained with, e.g. CLIP ViT-L/14-336: 1024)")
+        return found
+
+
+def llava_layout(folder: str | os.PathLike) -> LlavaLayout | None:
+    """The :class:`LlavaLayout` of a checkpoint folder, or None for a plain causal LM."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    if config.get("model_type") == "llava":
+        return LlavaLayout(
+            name="hf", folder=folder, config=config,
+            key_mapping={r"^language_model\.model\.": "model.", r"^language_model\.lm_head\.": "lm_head.",
+                         r"^model\.language_model\.": "model."},
+            projector_keys=(r"(?:model\.)?multi_modal_projector\.linear_1", r"(?:model\.)?multi_modal_projector\.linear_2"),
+            activation=_activation(config.get("projector_hidden_act", "gelu"), config_path))
+    if "mm_projector_type" in config or (folder / "mm_projector.bin").exists():
+        kind = config.get("mm_projector_type", "linear")
+        if kind != "mlp2x_gelu":
+            raise ValueError(f"{config_path}: mm_projector_type {kind!r}: only mlp2x_gelu (LLaVA-1.5's two-layer "
+                             "projector) has this model's projector shape")
+        return LlavaLayout(name="original", folder=folder, config=config, key_mapping={},
+                           projector_keys=(r"(?:model\.)?mm_projector\.0", r"(?:model\.)?mm_projector\.2"),
+                           activation="gelu")
+    return None
+
+
+def _activation(name: str, where: Path) -> str:
+    # transformers' "gelu" is the exact (erf) GELU, as torch's nn.GELU().
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{where}: projector activation {name!r} is not one of {sorted(ACTIVATIONS)}")
+    return name
+
+
+def _weights_matching(folder: Path, patterns) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight in the folder whose name matches one of ``patterns``.
+
+    Reads ``mm_projector.bin`` first, then ``*.safetensors`` (only the matching tensors) and
+    ``*.bin`` files (memory-mapped, weights only: nothing is unpickled but tensors).
+    """
+    from safetensors import safe_open
+
+    out = []
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    files.sort(key=lambda f: f.name != "mm_projector.bin")
+    for path in files:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                out += [(k, f.get_tensor(k)) for k in f.keys() if any(p.match(k) for p in patterns)]
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            out += [(k, v) for k, v in state.items() if any(p.match(k) for p in patterns)]
+    return out
 
 
 def _compute_dtype(settings: ModelSettings) -> torch.dtype:

@@ -1,0 +1,67 @@
+"""The whole method through the `vlmr` commands on a checkpoint shaped like a real one.
+
+Every other end-to-end test runs on the tiny defaults, whose tokenizer leaves room for
+``<video>`` in the LM's vocabulary and whose special tokens are ``<s>``/``</s>``/``<pad>``.
+Here the LM is a Llama-architecture folder (``tests/checkpoints.py``) whose vocabulary equals
+its tokenizer's size, with its own BOS/EOS/PAD and a chat template, and tied embeddings:
+build-shards, train sft, narrate, judge, train rm, train ppo and eval synthetic each run a
+few steps and must write their outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from checkpoints import write_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vlmr(*args: str | Path, timeout: int = 300) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               VLMR_LOG="WARNING")
+    result = subprocess.run([sys.executable, "-m", "tools", *map(str, args)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"vlmr {' '.join(map(str, args))}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
+def manifest_samples(folder: Path) -> int:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return sum(shard["samples"] for stage in manifest["stages"] for shard in stage["shards"])
+
+
+@pytest.mark.slow
+def test_the_method_runs_end_to_end_on_a_real_shaped_checkpoint(synth_world, tmp_path):
+    lm = write_llama(tmp_path / "lm", "llama3", tied=True)
+    run = tmp_path / "run"
+    vlmr("build-shards", "--annotations", synth_world / "annotations.json", "--videos", synth_world / "videos",
+         "--out", run / "shards", "--frames", "4", "--clips", "2", "--clip-frames", "2", "--tokenizer", lm,
+         "--workers", "1")
+    vlmr("train", "sft", "--shards", run / "shards", "--output", run / "sft", "--model", lm, "--max-steps", "2",
+         "--micro-batch", "4", "--lr", "1e-3", "--lora-r", "4", "--lora-alpha", "4", "--precision", "fp32")
+    assert (run / "sft" / "model" / "vlmr_model.json").exists()
+    vlmr("narrate", "--model", run / "sft" / "model", "--in", run / "shards", "--out", run / "narrated",
+         "--max-new-tokens", "4")
+    assert manifest_samples(run / "narrated") == manifest_samples(run / "shards")
+    vlmr("judge", "--model", run / "sft" / "model", "--in", run / "narrated", "--out", run / "pairs",
+         "--max-new-tokens", "4", "--disagreement", "soft", "--context", "clips")
+    assert manifest_samples(run / "pairs") > 0
+    vlmr("train", "rm", "--shards", run / "pairs", "--stages", "pairs", "--model", run / "sft" / "model",
+         "--output", run / "rm", "--max-steps", "2", "--micro-batch", "4", "--eval-fraction", "0.25",
+         "--precision", "fp32")
+    assert (run / "rm" / "model").is_dir()
+    vlmr("train", "ppo", "--shards", run / "shards", "--sft", run / "sft" / "model", "--reward-model",
+         run / "rm" / "model", "--output", run / "ppo", "--max-steps", "1", "--rollout-batch", "4",
+         "--step-batch", "2", "--micro-batch", "2", "--generation-batch", "4", "--max-new-tokens", "4",
+         "--lora-r", "4", "--lora-alpha", "4", "--precision", "fp32")
+    assert (run / "ppo" / "model" / "vlmr_model.json").exists()
+    vlmr("eval", "synthetic", "--shards", run / "shards", "--world", synth_world, "--models", run / "sft",
+         run / "ppo", "--output", run / "eval", "--max-new-tokens", "4")
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    samples = {c["name"]: c["metrics"]["samples"] for c in summary["candidates"]}
+    assert samples == {"sft": manifest_samples(run / "shards"), "ppo": manifest_samples(run / "shards")}
