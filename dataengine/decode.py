@@ -10,8 +10,9 @@ Frames are decoded in this process by libav through PyAV. A video is read in two
    packets each decodes (:func:`dataengine.seekplan.choose_plan`):
 
    * ``sequential``: decode every packet from the start until the last wanted frame has come
-     out; frame ``n`` is the n-th frame the decoder outputs. Always exact: it is a full
-     decode that stops early.
+     out. Always exact: it is a full decode that stops early. Frames are known by their
+     presentation timestamp, or, where packets lack distinct ones, frame ``n`` is the n-th
+     frame the decoder outputs.
    * ``seek``: for each run of wanted frames, seek the demuxer to the keyframe before them
      and decode forward from there only; frames are matched to frame indices by their
      presentation timestamp. Chosen when it decodes at most 3/4 of the packets, e.g. 110
@@ -21,6 +22,9 @@ Frames are decoded in this process by libav through PyAV. A video is read in two
      frames with one pts fall back to ``sequential``. Variable frame rate is no obstacle.
      If a run does not deliver every frame it should (the seek landed elsewhere, a decode
      error), the video is decoded again sequentially and a warning logged.
+
+   Where frames are known by pts, frames that nothing references and nobody wants are not
+   decoded at all (``skip_frame=NONREF``), which cannot change any other frame.
 
 Each frame is then shown as a player shows it: non-square pixels are stretched to the
 display aspect (SAR) and rotation metadata is applied (90/180/270 degrees; mirror flips are
