@@ -329,24 +329,38 @@ def _raw_records(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
                 yield index, row
 
 
-def _hf_dataset(path: Path, fmt: str) -> Iterable[dict[str, Any]]:
-    """The rows of a Hugging Face dataset folder or file, streamed in order."""
+def _hf_dataset(path: Path, fmt: str) -> Any:
+    """A Hugging Face dataset folder or file, opened (rows are read as they are iterated)."""
     import datasets
 
+    if fmt == "hf-disk":
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            if len(data) != 1:
+                raise IngestError(f"{path}: a DatasetDict with splits {sorted(data)}; give one split's "
+                                  f"folder (e.g. {path / sorted(data)[0]})")
+            (data,) = data.values()
+        return data
+    kind = {"hf-parquet": "parquet", "hf-json": "json", "hf-csv": "csv"}[fmt]
+    return datasets.load_dataset(kind, data_files=str(path), split="train", streaming=True)
+
+
+def _hf_rows(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
+    """The rows of a Hugging Face dataset, in order; a file datasets cannot read is an
+    :class:`IngestError` naming it (opening and streaming alike)."""
+    from datasets.exceptions import DatasetGenerationError
+
     try:
-        if fmt == "hf-disk":
-            data = datasets.load_from_disk(str(path))
-            if isinstance(data, datasets.DatasetDict):
-                if len(data) != 1:
-                    raise IngestError(f"{path}: a DatasetDict with splits {sorted(data)}; give one split's "
-                                      f"folder (e.g. {path / sorted(data)[0]})")
-                (data,) = data.values()
-            return data
-        kind = {"hf-parquet": "parquet", "hf-json": "json", "hf-csv": "csv"}[fmt]
-        return datasets.load_dataset(kind, data_files=str(path), split="train", streaming=True)
-    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
-        if isinstance(exc, IngestError):
-            raise
+        rows = iter(_hf_dataset(path, fmt))
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            yield row
+    except IngestError:
+        raise
+    except (OSError, ValueError, DatasetGenerationError) as exc:  # pyarrow's errors are ValueErrors
         raise IngestError(f"{path}: cannot read it as a {fmt} dataset: {exc}") from exc
 
 
@@ -367,9 +381,8 @@ def _as_text(value: Any) -> Any:
 
 def _hf_raw_records(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
     """Rows as LLaVA-style raw records (columns mapped by :data:`HF_COLUMNS`)."""
-    rows = _hf_dataset(path, fmt)
     names: dict[str, str | None] | None = None
-    for index, row in enumerate(rows):
+    for index, row in enumerate(_hf_rows(path, fmt)):
         if names is None:
             if not _hf_mappable(row):
                 raise _unknown_columns(path, row)

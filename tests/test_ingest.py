@@ -253,3 +253,6 @@ def test_dataset_dict_split_and_unknown_columns_are_clear_errors(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ingest.IngestError, match="not one written by datasets' save_to_disk"):
         ingest.read_all([tmp_path / "plain"])
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "odd.parquet").read_bytes()[:-20])
+    with pytest.raises(ingest.IngestError, match=r"cut\.parquet: cannot read it as a hf-parquet dataset"):
+        ingest.read_all([tmp_path / "cut.parquet"])
