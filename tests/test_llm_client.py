@@ -289,3 +289,16 @@ def test_local_uses_chat_template_when_the_tokenizer_has_one():
     llm.tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
                                    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     assert llm.prompt_text(USER) == "<|user|>Say hi.\n<|assistant|>"
+
+
+def test_endpoint_settings_are_checked_and_reach_the_client(server):
+    from train.llm_client import EndpointSettings, make_client
+
+    assert EndpointSettings().endpoint_problems() == []
+    bad = EndpointSettings(timeout=0, max_retries=-1, backoff=-1, concurrency=0, api_key_env="")
+    assert [line.split()[0] for line in bad.endpoint_problems()] == [
+        "--timeout", "--max-retries", "--backoff", "--concurrency", "--api-key-env"]
+    settings = EndpointSettings(api_key_env="VLMR_TEST_KEY", timeout=3.0, max_retries=1, backoff=0.01, concurrency=2)
+    client = make_client(server.url, model="stub-model", **settings.client_kwargs())
+    assert (client.api_key_env, client.timeout, client.max_retries, client.backoff, client.concurrency) == \
+        ("VLMR_TEST_KEY", 3.0, 1, 0.01, 2)

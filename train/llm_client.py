@@ -23,6 +23,7 @@ temporary name and renamed. A re-run or a resumed run sends no request already a
 Failed requests are not cached (a re-run tries them again).
 
 :func:`make_client` picks the backend from a spec (``tiny``/path or ``http(s)://`` URL);
+:class:`EndpointSettings` holds the endpoint settings every LLM-asking command's config shares;
 :func:`complete_many` answers a list of :class:`ChatRequest` on a thread pool, in order.
 ``label`` names a request in logs and errors (say, the video id) and is part of its cache key.
 
@@ -437,6 +438,38 @@ class CachedLLM:
 
 def is_url(spec: str) -> bool:
     return str(spec).startswith(("http://", "https://"))
+
+
+@dataclass
+class EndpointSettings:
+    """How requests to an OpenAI-compatible endpoint are sent: the settings every command that
+    asks an LLM shares (composed into its config by inheritance; :meth:`endpoint_problems` in
+    its checks, :meth:`client_kwargs` into :func:`make_client`)."""
+
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's API key; read per request, never written anywhere."""
+    timeout: float = 60.0
+    """HTTP: seconds to wait for a reply before the attempt counts as failed."""
+    max_retries: int = 4
+    """HTTP: retries of a request after a timeout, 429 or 5xx (exponential backoff)."""
+    backoff: float = 1.0
+    """HTTP: first backoff in seconds, doubled each retry (a Retry-After header wins)."""
+    concurrency: int = 4
+    """HTTP: requests in flight at once (a local model runs one at a time)."""
+
+    def endpoint_problems(self) -> list[str]:
+        """What is wrong with these settings, one line per field, naming its flag."""
+        checks = [(self.timeout > 0, f"--timeout must be > 0, got {self.timeout}"),
+                  (self.max_retries >= 0, f"--max-retries must be >= 0, got {self.max_retries}"),
+                  (self.backoff >= 0, f"--backoff must be >= 0, got {self.backoff}"),
+                  (self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}"),
+                  (bool(self.api_key_env), "--api-key-env must name an environment variable")]
+        return [message for ok, message in checks if not ok]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """These settings as :func:`make_client` keywords."""
+        return {"api_key_env": self.api_key_env, "timeout": self.timeout, "max_retries": self.max_retries,
+                "backoff": self.backoff, "concurrency": self.concurrency}
 
 
 def make_client(spec: str, *, model: str = "", cache_dir: str | os.PathLike | None = None,
