@@ -95,10 +95,11 @@ def test_summary_from_stage_outputs(tmp_path):
 
     # relabelled by ground truth: the wrong pick is flipped, the unranked pair left out
     counts = ds.write_truth_pairs(run / "pairs", tmp_path / "truth")
-    assert counts == {"kept": 3, "flipped": 1, "unranked": 1}
+    assert counts == {"kept": 3, "unranked": 1}
     relabelled = {r["id"]: r for r in ds.pair_records(tmp_path / "truth")}
     assert relabelled["p1"]["chosen"] == "circle" and relabelled["p1"]["rejected"] == "square"
     assert "p3" not in relabelled and relabelled["p0"]["judge"]["label_source"] == "ground_truth"
+    assert [relabelled[k]["judge"]["judge_agreed_with_truth"] for k in ("p0", "p1", "p2")] == [True, False, True]
 
 
 # ------------------------------------------------------------------------------ small, end to end

@@ -36,7 +36,7 @@ import logging
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -178,42 +178,51 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------ truth-labelled pairs
 
-def write_truth_pairs(pairs: str | Path, out: Path, stage: str = "pairs") -> dict[str, int]:
-    """Relabel a preference shard set by ground truth: each pair whose two responses the truth
-    ranks is written with the preferred one as ``chosen`` (label 1, no soft label); pairs it
-    does not rank are left out. Members kept: ``json`` and ``feat`` (what the reward model reads).
-
-    For measuring a reward model against the truth, and for training the reference reward
-    model of ``benchmarks/bench_method.py`` (an upper bound for the AI-feedback one)."""
+def rewrite_pairs(pairs: str | Path, out: Path, relabel: Callable[[dict[str, Any]], dict[str, Any] | None],
+                  stage: str = "pairs") -> dict[str, int]:
+    """Copy a preference shard set through ``relabel`` (a pair's json -> new json, or None to
+    leave it out). Members kept: ``json`` and ``feat`` (what the reward model reads)."""
     from dataengine.pack import ShardWriter
     from dataengine.reader import ShardReader
     from dataengine.schema import Manifest
 
-    counts = {"kept": 0, "flipped": 0, "unranked": 0}
+    counts = {"kept": 0, "left_out": 0}
     writer = ShardWriter(out, stage)
     try:
         for sample in ShardReader(str(pairs), stages=[stage], shuffle="none", fields=("json", "feat")):
-            data = dict(sample["json"])
-            pref = truth_preference(data.get("qtype", ""), data["reference"], data["chosen"], data["rejected"])
-            if pref == 0:
-                counts["unranked"] += 1
+            data = relabel(dict(sample["json"]))
+            if data is None:
+                counts["left_out"] += 1
                 continue
-            if pref < 0:
-                data["chosen"], data["rejected"] = data["rejected"], data["chosen"]
-                counts["flipped"] += 1
-            judge = dict(data.get("judge", {}))
-            judge.pop("soft_label", None)
-            data["judge"] = dict(judge, label_source="ground_truth")
-            data["stage"] = stage
             writer.write({"__key__": sample["key"], "json": data, "feat.npy": sample["feat"].numpy()})
             counts["kept"] += 1
     except BaseException:
         writer.abort()
         raise
-    info = writer.close()
-    Manifest(settings={"relabelled": "ground_truth", **counts}, samples=counts["kept"], stages=[info],
-             derived_from=str(pairs)).save(out)
+    Manifest(settings={"rewritten_from": str(pairs), **counts}, samples=counts["kept"],
+             stages=[writer.close()], derived_from=str(pairs)).save(out)
     return counts
+
+
+def truth_relabel(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The pair with the response ground truth prefers as ``chosen`` (label 1, no soft label);
+    None when the truth ranks neither above the other."""
+    pref = truth_preference(data.get("qtype", ""), data["reference"], data["chosen"], data["rejected"])
+    if pref == 0:
+        return None
+    if pref < 0:
+        data["chosen"], data["rejected"] = data["rejected"], data["chosen"]
+    judge = {k: v for k, v in data.get("judge", {}).items() if k != "soft_label"}
+    data["judge"] = dict(judge, label_source="ground_truth", judge_agreed_with_truth=pref > 0)
+    return data
+
+
+def write_truth_pairs(pairs: str | Path, out: Path) -> dict[str, int]:
+    """Relabel a preference shard set by ground truth (:func:`truth_relabel`): to measure a
+    reward model against the truth, and to train the reference reward model of
+    ``benchmarks/bench_method.py`` (an upper bound for the AI-feedback one)."""
+    counts = rewrite_pairs(pairs, out, truth_relabel)
+    return {"kept": counts["kept"], "unranked": counts["left_out"]}
 
 
 # ------------------------------------------------------------------------------ command
