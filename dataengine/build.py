@@ -342,7 +342,8 @@ def stage_videos(config: BuildConfig, ranks: dist.Ranks) -> tuple[Path, list[str
         return Path(config.videos), list(config.annotations)
     staged = Path(config.out) / STAGED_VIDEOS
     if ranks.is_main:
-        ingest.stage_video_shards(shards, staged)
+        with naming_path(staged):
+            ingest.stage_video_shards(shards, staged)
     ranks.barrier()
     return staged / "videos", list(config.annotations) or [str(staged / ingest.CAPTIONS_NAME)]
 
