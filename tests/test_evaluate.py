@@ -473,7 +473,7 @@ def test_action_with_a_model_and_a_bad_label(bench, tmp_path):
 # ----------------------------------------------------------------------------- pieces
 
 def test_prompts_parse_and_commands_have_help(capsys):
-    evaluate.load_template(evaluate.QA_PROMPT, {"question", "answer", "prediction"})
+    evaluate.load_prompt(evaluate.QA_PROMPT, required=("question", "answer", "prediction"))
     config = evaluate.GenerativeConfig(shards="s", predictions=["p"], judge="tiny")
     evaluate.GenerativeTask(config, RankInfo(), "cpu")  # loads all five prompts
     for main in evaluate.MAINS.values():
@@ -499,8 +499,8 @@ def test_bad_settings_are_named(tmp_path):
         evaluate.resolve_candidates(evaluate.SyntheticConfig(shards="s", world="w", models=[str(tmp_path)]))
     prompt = tmp_path / "p.txt"
     prompt.write_text("# doc\nQ: $question A: $answer\n")
-    with pytest.raises(ValueError, match="missing prediction"):
-        evaluate.load_template(prompt, {"question", "answer", "prediction"})
+    with pytest.raises(ValueError, match=r"p.txt: missing placeholder\(s\) \$prediction"):
+        evaluate.load_prompt(prompt, required=("question", "answer", "prediction"))
 
 
 def test_small_helpers():

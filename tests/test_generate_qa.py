@@ -119,7 +119,7 @@ def test_custom_prompt_must_use_actors(tmp_path):
     (message,) = build_messages(load_prompt(good), narrative_from_record(SIMPLE), 2)
     assert message["content"].startswith("Actors:\n- Dog:") and message["content"].endswith("Cost: $5")
     (tmp_path / "bad.txt").write_text("Write $pairs_per_video pairs.")
-    with pytest.raises(ValueError, match=r"must use \$actors"):
+    with pytest.raises(ValueError, match=r"bad.txt: missing placeholder\(s\) \$actors"):
         load_prompt(tmp_path / "bad.txt")
     (tmp_path / "typo.txt").write_text("$actors $actor_list")
     with pytest.raises(ValueError, match="unknown placeholder.*actor_list"):

@@ -116,7 +116,6 @@ import json
 import logging
 import os
 import re
-import string
 import sys
 import time
 from collections import Counter, defaultdict
@@ -127,6 +126,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 from dataengine import config as cfg
 from dataengine.schema import sample_key, write_text_atomic
 from train import metrics
+from train.prompt_files import PROMPTS, load_prompt
 
 if TYPE_CHECKING:
     from train.shardstage import RankInfo
@@ -134,8 +134,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "vlmr-eval/1"
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-QA_PROMPT = PROMPTS_DIR / "eval_qa.txt"
+QA_PROMPT = PROMPTS / "eval_qa.txt"
 DESCRIBE = "Describe this video in detail."
 CRITERIA = ("correctness", "detail", "context", "temporal", "consistency")
 # Which criteria the judge is asked for on each kind of generative-benchmark sample.
@@ -666,23 +665,6 @@ def merge_ranks(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 # =========================================================================== judging
 
-def load_template(path: str | Path, required: set[str]) -> string.Template:
-    """A judge prompt file without its '#' documentation lines; must use exactly ``required``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: judge prompt not found")
-    text = "\n".join(line for line in path.read_text(encoding="utf-8").splitlines()
-                     if not line.startswith("#")).strip()
-    template = string.Template(text)
-    names = {m.group("named") or m.group("braced") for m in template.pattern.finditer(text)} - {None}
-    missing, unknown = required - names, names - required
-    if missing or unknown:
-        raise ValueError(f"{path}: the prompt must use {', '.join('$' + n for n in sorted(required))}"
-                         + (f"; missing {', '.join(sorted(missing))}" if missing else "")
-                         + (f"; unknown {', '.join(sorted(unknown))}" if unknown else ""))
-    return template
-
-
 def user_message(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
@@ -886,7 +868,7 @@ class QATask(Task):
 
     def __init__(self, config: QAConfig, ranks: "RankInfo", device: Any):
         super().__init__(config, ranks, device)
-        self.template = load_template(config.prompt or QA_PROMPT, {"question", "answer", "prediction"})
+        self.template = load_prompt(config.prompt or QA_PROMPT, required=("question", "answer", "prediction"))
         self.judge = Judge(config, ranks)
 
     def score(self, records):
@@ -918,12 +900,13 @@ class GenerativeTask(Task):
 
     def __init__(self, config: GenerativeConfig, ranks: "RankInfo", device: Any):
         super().__init__(config, ranks, device)
-        folder = Path(config.prompt_dir) if config.prompt_dir else PROMPTS_DIR
-        single = {"question", "answer", "prediction"}
-        self.templates = {c: load_template(folder / f"eval_generative_{c}.txt", single) for c in CRITERIA[:4]}
-        self.templates["consistency"] = load_template(
+        folder = Path(config.prompt_dir) if config.prompt_dir else PROMPTS
+        single = ("question", "answer", "prediction")
+        self.templates = {c: load_prompt(folder / f"eval_generative_{c}.txt", required=single)
+                          for c in CRITERIA[:4]}
+        self.templates["consistency"] = load_prompt(
             folder / "eval_generative_consistency.txt",
-            {"question1", "question2", "answer", "prediction1", "prediction2"})
+            required=("question1", "question2", "answer", "prediction1", "prediction2"))
         self.judge = Judge(config, ranks)
 
     def parse(self, index: int, sample: dict[str, Any]) -> EvalItem:

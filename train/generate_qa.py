@@ -63,12 +63,13 @@ from tqdm import tqdm
 from dataengine import config as cfg
 from dataengine.models import cache_root
 from dataengine.schema import write_text_atomic
+from train import prompt_files
 from train.llm_client import LLMClient, LLMError, Message, is_url, make_client, ordered_map
 
 log = logging.getLogger(__name__)
 
 SOURCE = "vln-object-qa"
-DEFAULT_PROMPT = Path(__file__).resolve().parent / "prompts" / "object_qa.txt"
+DEFAULT_PROMPT = prompt_files.PROMPTS / "object_qa.txt"
 BACKGROUND = "background"
 
 
@@ -257,21 +258,9 @@ def read_narratives(path: str | Path, *, on_error: str = "raise",
 # ----------------------------------------------------------------------------- prompt
 
 def load_prompt(path: str | Path | None = None) -> string.Template:
-    """The prompt template with its '#' documentation lines dropped; must use ``$actors``."""
-    path = Path(path) if path else DEFAULT_PROMPT
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompt template not found")
-    text = "\n".join(line for line in path.read_text(encoding="utf-8").splitlines()
-                     if not line.startswith("#")).strip()
-    template = string.Template(text)
-    names = {m.group("named") or m.group("braced") for m in template.pattern.finditer(text)} - {None}
-    if "actors" not in names:
-        raise ValueError(f"{path}: the prompt must use $actors (the actors' descriptions)")
-    unknown = names - {"actors", "background", "pairs_per_video"}
-    if unknown:
-        raise ValueError(f"{path}: unknown placeholder(s) {', '.join(sorted(unknown))} "
-                         "(known: $actors, $background, $pairs_per_video)")
-    return template
+    """The prompt template (default ``object_qa.txt``); must use ``$actors``."""
+    return prompt_files.load_prompt(path or DEFAULT_PROMPT, required=("actors",),
+                                    allowed=("background", "pairs_per_video"))
 
 
 def build_messages(template: string.Template, narrative: Narrative, pairs_per_video: int) -> list[Message]:

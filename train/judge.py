@@ -82,7 +82,8 @@ import torch
 from dataengine import config as cfg
 from dataengine import schema
 from train import shardstage
-from train.narrate import PROMPTS, VIDEO_TOKEN, clean_text, context_length, load_model, load_prompt, \
+from train.prompt_files import PROMPTS, load_prompt
+from train.narrate import VIDEO_TOKEN, clean_text, context_length, load_model, \
     model_fingerprint
 from train.shardstage import Outcome, RankInfo, StageSummary
 

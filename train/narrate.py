@@ -40,7 +40,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +49,11 @@ import torch
 
 from dataengine import config as cfg
 from train import shardstage
+from train.prompt_files import PROMPTS, load_prompt
 from train.shardstage import Outcome, RankInfo, StageSummary
 
 log = logging.getLogger(__name__)
 
-PROMPTS = Path(__file__).resolve().parent / "prompts"
 DEFAULT_PROMPT = PROMPTS / "narrate.txt"
 VIDEO_TOKEN = "<video>"
 
@@ -118,33 +117,6 @@ NOT_IDENTITY = ("model", "input", "out", "device", "overwrite", "progress", "bat
 
 
 # ---------------------------------------------------------------------------- prompts
-
-def load_prompt(path: str | os.PathLike, *, required: Sequence[str] = (),
-                allowed: Sequence[str] = ()) -> string.Template:
-    """A prompt file as a ``string.Template``: lines starting with '#' are documentation and
-    dropped; the placeholders must include ``required`` and lie within ``required + allowed``
-    (a placeholder never filled is an error here, not a silent '$name' in the prompt)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompt file not found")
-    text = "\n".join(line for line in path.read_text(encoding="utf-8").splitlines()
-                     if not line.startswith("#")).strip()
-    if not text:
-        raise ValueError(f"{path}: the prompt is empty (only '#' documentation lines)")
-    template = string.Template(text)
-    if not template.is_valid():
-        raise ValueError(f"{path}: a '$' that is not a placeholder (write $$ for a dollar sign)")
-    names = set(template.get_identifiers())
-    missing = set(required) - names
-    unknown = names - set(required) - set(allowed)
-    if missing or unknown:
-        known = ", ".join("$" + n for n in (*required, *allowed)) or "none"
-        raise ValueError(f"{path}: " + "; ".join(
-            ([f"missing placeholder(s) {', '.join('$' + n for n in sorted(missing))}"] if missing else []) +
-            ([f"unknown placeholder(s) {', '.join('$' + n for n in sorted(unknown))}"] if unknown else []))
-            + f" (placeholders: {known})")
-    return template
-
 
 def clean_text(text: str) -> str:
     """Generated text as stored: the video placeholder removed (a later prompt holding it would
