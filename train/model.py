@@ -147,7 +147,7 @@ def _load_base(settings: ModelSettings):
 
 
 def disable_cpu_bf16_repack(model: nn.Module) -> int:
-    """Turn off bitsandbytes' CPU inference repacking on every ``Linear4bit`` (facts.md §4).
+    """Turn off bitsandbytes' CPU inference repacking on every ``Linear4bit`` (docs/model.md).
 
     Returns the number of layers changed. Must run before any eval-mode forward.
     """
