@@ -4,14 +4,15 @@ On the same synthetic videos:
 
 * decode:  our ``decode_video`` (50 frames + 3 clips × 20 at 224 px) against a full
            ``ffmpeg -i V -f null -`` decode (best of alternating rounds);
-* encode:  encoder frames/s (tiny CLIP by default; ``--encoder PATH`` for a real one);
+* encode:  encoder frames/s (tiny CLIP by default; ``--encoder small`` for EfficientNet-Lite0 at
+           224 px, ``--encoder PATH`` for a real CLIP);
 * pack:    MB/s writing paper-size samples (feat 306×1024 + clips 3×276×1024, float16) into
            tars, against copying the same bytes file to file (both fsync each file);
 * memory:  peak RSS of a whole ``build()`` of the world.
 
 Run::
 
-    python benchmarks/bench_build.py [--videos 24] [--encoder tiny|PATH] [--pack-samples 100]
+    python benchmarks/bench_build.py [--videos 24] [--encoder tiny|small|PATH] [--pack-samples 100]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class BenchConfig:
     rounds: int = 3
     """Alternating timing rounds for decode; best kept."""
     encoder: str = "tiny"
-    """Encoder for the frames/s figure: 'tiny' or a local CLIP folder."""
+    """Encoder for the frames/s figure: 'tiny', 'small' (EfficientNet-Lite0) or a local CLIP folder."""
     encode_frames: int = 512
     """Frames pushed through the encoder."""
     pack_samples: int = 100
@@ -52,7 +53,7 @@ class BenchConfig:
 
 
 def bench_encode(spec: str, n: int) -> tuple[float, int]:
-    encoder = features.ClipEncoder(spec, batch_size=64)
+    encoder = features.load_encoder(spec, batch_size=64)
     s = encoder.image_size
     frames = np.random.default_rng(0).integers(0, 255, (n, s, s, 3), dtype=np.uint8)
     encoder.encode(frames[:64])  # warm-up
