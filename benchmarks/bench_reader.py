@@ -10,7 +10,9 @@ them once to warm the page cache, then measures, on the same shards:
 1. one process: samples/s and MB/s of the raw sequential read (``readinto`` a reused 8 MiB
    buffer: the I/O floor), ``webdataset.WebDataset(...).decode()``, and ShardReader
    (samples as writable float16 tensors) with and without its prefetch thread, with
-   ``shuffle="window"``, and with ``fields=("json", "feat")`` (what SFT reads);
+   ``shuffle="window"``, and with ``fields=("json", "feat")`` (what SFT reads); and the same
+   decoding as a webdataset pipeline stage (``wds.DataPipeline(..., decoded_samples())``, no
+   prefetch thread);
 2. ShardReader behind a torch DataLoader with 0, 1 and 2 workers;
 3. resume in the middle of the epoch: time to the first sample and to the end of the
    epoch, against starting from the beginning, and against a replay that reads and drops
@@ -92,6 +94,19 @@ def webdataset_read(files: list[str]) -> int:
     n = 0
     for sample in wds.WebDataset(files, shardshuffle=False).decode():
         assert sample["feat.npy"].dtype == np.float16
+        n += 1
+    return n
+
+
+def wds_stage_read(files: list[str]) -> int:
+    """The reader's decoding as a stage of a webdataset pipeline (dataengine.wds_stage)."""
+    import webdataset as wds
+
+    from dataengine.wds_stage import decoded_samples
+
+    n = 0
+    for sample in wds.DataPipeline(wds.SimpleShardList(files), decoded_samples()):
+        assert sample["feat"].dtype.is_floating_point
         n += 1
     return n
 
@@ -269,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "ShardReader none, no prefetch": lambda: reader_read(folder, shuffle="none", prefetch_bytes=0),
             "ShardReader window, prefetch": lambda: reader_read(folder, shuffle="window"),
             "ShardReader json+feat, prefetch": lambda: reader_read(folder, shuffle="none", fields=("json", "feat")),
+            "wds.DataPipeline + decoded_samples": lambda: wds_stage_read(files),
         }, args.rounds)
         results["one_process"] = report("1. one process (MB/s counts whole tars read)", best, samples,
                                         nbytes, "raw", "webdataset .decode()")
