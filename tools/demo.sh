@@ -22,10 +22,10 @@ START=$SECONDS
 
 case "$SIZE" in
   full)  # 16 videos x 8 questions = 128 prompts; 8 held-out videos = 64 questions
-    VIDEOS=16 EVAL_VIDEOS=8
+    VIDEOS=16 EVAL_VIDEOS=8 FRAMES=8 CLIPS=3 CLIP_FRAMES=4
     SFT=() NARRATE=() JUDGE=() RM=() PPO=() EVAL=() ;;
   test)  # every stage, a step or two: checks that the real weights load and every stage writes
-    VIDEOS=3 EVAL_VIDEOS=2
+    VIDEOS=2 EVAL_VIDEOS=1 FRAMES=4 CLIPS=2 CLIP_FRAMES=2
     SFT=(--max-steps 2 --grad-accum 1) NARRATE=(--max-new-tokens 6)
     # A few sampled pairs of a barely trained model: keep disagreeing pairs (soft labels) so that
     # the reward model has pairs from two videos to split; the full demo drops them.
@@ -43,7 +43,7 @@ $VLMR synth --out "$RUN/world" --videos $VIDEOS --seed 0 --broken 1
 
 echo "== 2. curriculum-sorted shards, EfficientNet-Lite0 features (the broken video lands in failures.jsonl)"
 $VLMR build-shards --annotations "$RUN/world/annotations.json" --videos "$RUN/world/videos" \
-  --out "$RUN/shards" --encoder small --tokenizer small --frames 8 --clips 3 --clip-frames 4 \
+  --out "$RUN/shards" --encoder small --tokenizer small --frames $FRAMES --clips $CLIPS --clip-frames $CLIP_FRAMES \
   --maxcount 64 --workers 2
 
 echo "== 3. what is in the shards"
@@ -75,7 +75,7 @@ $VLMR train ppo --config $C/ppo_small.yaml --shards "$RUN/shards" --sft "$RUN/sf
 echo "== 9. SFT vs PPO on held-out synthetic videos (exact scoring, no judge)"
 $VLMR synth --out "$RUN/world-eval" --videos $EVAL_VIDEOS --seed 1
 $VLMR build-shards --annotations "$RUN/world-eval/annotations.json" --videos "$RUN/world-eval/videos" \
-  --out "$RUN/shards-eval" --encoder small --tokenizer small --frames 8 --clips 0 --workers 2
+  --out "$RUN/shards-eval" --encoder small --tokenizer small --frames $FRAMES --clips 0 --workers 2
 $VLMR eval synthetic --config $C/eval_synthetic_small.yaml --shards "$RUN/shards-eval" \
   --world "$RUN/world-eval" --models "$RUN/sft" "$RUN/ppo" --output "$RUN/eval" "${EVAL[@]}"
 
