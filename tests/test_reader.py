@@ -1,5 +1,6 @@
 """ShardReader and the tar parser: the plan, equal work, shuffle, resume, corrupt data, memory,
-the length guard, sources. Shards are written with the real ShardWriter (small float16
+the buffer pool's ownership, torchdata's state keys, the length guard as the reader's guard,
+sources, and the reader's decoding as a webdataset pipeline stage. Shards are written with the real ShardWriter (small float16
 features, no videos); damaged shards are made by cutting or editing real tars.
 
     .venv/bin/python -m pytest -q tests/test_reader.py
