@@ -434,3 +434,27 @@ def test_two_ranks_zero3_disjoint_pairs_and_heldout_counted_once(pref, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["pairs"] == len(held) and printed["accuracy"] == pytest.approx(final["accuracy"])
     assert printed["chosen"] == pytest.approx(final["chosen"], abs=1e-4)
+
+
+def test_a_tokenizer_chat_template_is_what_the_reward_model_reads_and_scores(tmp_path):
+    """Issue 14.6 in the RM: a real checkpoint's own chat template (ChatML here) renders the
+    pairs, and the scored token is its end of turn (<|im_end|>), not the newline after it."""
+    from checkpoints import write_llama
+    from train.model import ModelSettings
+
+    lm = write_llama(tmp_path / "lm", template="chatml")
+    model = RewardModel.from_base(ModelSettings(lm=str(lm), feat_dim=8, lora_r=4, lora_alpha=8,
+                                                template="tokenizer"), seed=0)
+    end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = model.encode("What colour is the circle?", "Red.")
+    assert ids[-1] == end == model.lmm.chat.end_of_turn_id
+    assert "<|im_start|>assistant\nRed.<|im_end|>" in model.tokenizer.decode(ids)
+    answer = model.tokenizer("Red.", add_special_tokens=False)["input_ids"]
+    assert model.encode("What colour is the circle?", answer + [end, 5, 6]) == ids  # generated ids, cut at the end
+    prepare = rm.PairPreparer(model.tokenizer, rm.RMConfig(max_length=256), model.lmm.chat)
+    pair = prepare({"key": "k", "feat": torch.zeros(3, 8), "json": {
+        "conversations": [{"from": "human", "value": "<video>\nWhat colour is the circle?"}],
+        "chosen": "Red.", "rejected": "Blue."}})
+    assert pair["chosen_ids"] == model.encode("<video>\nWhat colour is the circle?", "Red.")
+    settings = rm.build_model(rm.RMConfig(model=str(lm), feat_dim=8, template="tokenizer", lora_r=4), "unused")
+    assert settings.lmm.settings.template == "tokenizer"

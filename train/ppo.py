@@ -216,8 +216,12 @@ class PromptPreparer:
     decides the same, before any batch is built.
     """
 
-    def __init__(self, tokenizer, max_length: int, max_new_tokens: int, on_error: str = "raise"):
+    def __init__(self, tokenizer, max_length: int, max_new_tokens: int, on_error: str = "raise", chat=None):
+        from train import conversation
+
         self.tokenizer = tokenizer
+        # The policy's chat template (VideoLMM.chat); vicuna v1 when not given.
+        self.chat = chat or conversation.chat_template(conversation.DEFAULT_TEMPLATE, tokenizer)
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.on_error = on_error
@@ -236,7 +240,7 @@ class PromptPreparer:
             if first.get("from") not in ("human", "user"):
                 raise ValueError(f"the first turn is from {first.get('from')!r}, not a human prompt")
             question = first["value"]
-            ids = conversation.prompt_ids(question, self.tokenizer)
+            ids = self.chat.prompt_ids(question)
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise ValueError(f"sample {sample.get('key', '?')}: no prompt: {exc}") from exc
         video = conversation.video_token_id(self.tokenizer)
@@ -597,7 +601,8 @@ def train(config: PPOConfig, ranks) -> dict[str, Any]:
         kl_ctl.load_state_dict(state["kl_controller"])
     last: dict[str, Any] | None = None
     stopped, first_step = False, step
-    prepare = PromptPreparer(model.tokenizer, config.max_length, config.max_new_tokens, config.on_error)
+    prepare = PromptPreparer(model.tokenizer, config.max_length, config.max_new_tokens, config.on_error,
+                             model.views["policy"].chat)
 
     # -- the loop: prompt epochs, PPO steps ---------------------------------------------------
     for e in range(epoch, len(plan)):

@@ -132,28 +132,31 @@ def with_narrative(prompt: Sequence[dict[str, Any]], narrative: str) -> list[dic
 
 
 def encode_response(prompt: str | Sequence[dict[str, Any]], response: str | Sequence[int], tokenizer, *,
-                    narrative: str | None = None) -> list[int]:
-    """Token ids of prompt + response in the vicuna v1 template, ending with EOS.
+                    narrative: str | None = None, chat: conversation.ChatTemplate | None = None) -> list[int]:
+    """Token ids of prompt + response in the model's chat template, ending with its end of turn.
 
-    A string response is rendered with the prompt and tokenized as one text, exactly as in
-    training (``train.conversation.tokenize``). A token-id response (generated) is cut
-    after its first EOS and appended to the prompt's ids; an EOS is added when it has none.
+    ``chat``: the model's template (``VideoLMM.chat``; vicuna v1 when not given), whose
+    end-of-turn token (vicuna: the tokenizer's EOS) is the scored token. A string response is
+    rendered with the prompt and tokenized as one text, exactly as in training
+    (:meth:`ChatTemplate.tokenize`), and cut after its end of turn (a template may write a
+    newline after it). A token-id response (generated) is cut at its first end of turn and
+    appended to the prompt's ids, with the end of turn added.
     """
+    chat = chat or conversation.chat_template(conversation.DEFAULT_TEMPLATE, tokenizer)
     turns = as_prompt(prompt)
     if narrative is not None:
         turns = with_narrative(turns, narrative)
-    eos = int(tokenizer.eos_token_id)
+    eos = chat.end_of_turn_id
     if isinstance(response, str):
-        ids, _ = conversation.tokenize(turns + [{"from": "gpt", "value": response}], tokenizer)
-        if not ids or ids[-1] != eos:
-            raise ValueError(f"the rendered response does not end with the tokenizer's EOS ({eos}): "
-                             f"{tokenizer.eos_token!r} must encode as one token")
-        return ids
+        ids, _ = chat.tokenize(turns + [{"from": "gpt", "value": response}])
+        if eos not in ids:
+            raise ValueError(f"the rendered response holds no end-of-turn token ({eos}): "
+                             f"{tokenizer.convert_ids_to_tokens(eos)!r} must encode as one token")
+        return ids[:len(ids) - ids[::-1].index(eos)]
     tail = [int(t) for t in response]
     if eos in tail:
         tail = tail[:tail.index(eos)]
-    ids = conversation.prompt_ids(turns[-1]["value"], tokenizer, history=turns[:-1])
-    return ids + tail + [eos]
+    return chat.prompt_ids(turns[-1]["value"], history=turns[:-1]) + tail + [eos]
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -314,8 +317,8 @@ class RewardModel(nn.Module):
         if self.context == "narrative":
             if narrative is None:
                 raise ValueError("this reward model was trained with the narrative as context: pass narratives=")
-            return encode_response(prompt, response, self.tokenizer, narrative=narrative)
-        return encode_response(prompt, response, self.tokenizer)
+            return encode_response(prompt, response, self.tokenizer, narrative=narrative, chat=self.lmm.chat)
+        return encode_response(prompt, response, self.tokenizer, chat=self.lmm.chat)
 
     @torch.no_grad()
     def score(self, feat, prompts: Sequence[str | Sequence[dict[str, Any]]],

@@ -68,7 +68,7 @@ STATE_FORMAT = "vlmr-rm-state/1"
 # Settings a resumed run must share with the checkpoint: they fix the data order, the split and the model.
 PLAN_FIELDS = ("shards", "stages", "eval_shards", "eval_fraction", "max_steps", "epochs", "micro_batch", "grad_accum",
                "shuffle", "window", "seed", "max_length", "length_policy", "context", "confidence",
-               "margin_scale", "soft_labels", "model", "lora_r", "lora_alpha", "qlora", "train_projector")
+               "margin_scale", "soft_labels", "model", "lora_r", "lora_alpha", "qlora", "train_projector", "template")
 SUM_KEYS = ("loss_sum", "loss_count", "pairs", "correct", "margin_sum", "chosen_sum", "rejected_sum",
             "tokens", "data_wait")
 
@@ -275,20 +275,19 @@ class PairPreparer:
     reader counts it and fills its slot. :attr:`counts` says what happened to how many pairs.
     """
 
-    def __init__(self, tokenizer, config: RMConfig):
+    def __init__(self, tokenizer, config: RMConfig, chat=None):
         import collections
-        import functools
 
-        from train.length import LengthGuard
         from train import conversation
+        from train.length import LengthGuard
 
         self.tokenizer = tokenizer
         self.config = config
+        # The model's chat template (VideoLMM.chat); vicuna v1 when not given.
+        self.chat = chat or conversation.chat_template(conversation.DEFAULT_TEMPLATE, tokenizer)
         self.video_token_id = conversation.video_token_id(tokenizer)
-        self.guard = LengthGuard(
-            tokenizer, config.max_length, policy=config.length_policy,
-            render=functools.partial(conversation.render, eos=tokenizer.eos_token or conversation.SEP2),
-            count=lambda text: conversation.count_tokens(text, tokenizer))
+        self.guard = LengthGuard(tokenizer, config.max_length, policy=config.length_policy,
+                                 render=self.chat.render, count=self.chat.count_tokens)
         self.counts: collections.Counter = collections.Counter()
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
@@ -333,7 +332,7 @@ class PairPreparer:
                 return None
             turns = guarded["json"]["conversations"]
             cut = cut or turns[-1]["value"] != response
-            row = encode_response(turns[:-1], turns[-1]["value"], self.tokenizer)
+            row = encode_response(turns[:-1], turns[-1]["value"], self.tokenizer, chat=self.chat)
             # A tokenizer whose count differs from the guard's could still overflow: leave it out.
             if spliced_length(len(row), row.count(self.video_token_id), rows) > self.config.max_length:
                 self.counts["too_long"] += 1
@@ -619,7 +618,7 @@ def build_model(config: RMConfig, source: str):
         tokenizer = load_tokenizer(config.tokenizer or resolve_lm(config.model))
         settings = ModelSettings(lm=config.model, feat_dim=config.feat_dim or feat_width(source, config),
                                  lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-                                 lora_dropout=0.0, qlora=config.qlora, dtype=dtype)
+                                 lora_dropout=0.0, qlora=config.qlora, template=config.template, dtype=dtype)
         model = RewardModel.from_base(settings, tokenizer, seed=config.seed, context=config.context,
                                       max_length=config.max_length)
     model.lmm.projector.requires_grad_(config.train_projector)
@@ -692,7 +691,7 @@ def train(config: RMConfig, ranks) -> dict[str, Any]:
             phase_step, loader_state = 0, None
         if phase_step >= phase.steps:
             continue
-        prepare = PairPreparer(tokenizer, config)
+        prepare = PairPreparer(tokenizer, config, model.lmm.chat)
         reader = make_reader(train_source, config, phase.epoch, ranks, prepare)
         loader = make_loader(reader, config, ids)
         if loader_state is not None:
@@ -760,7 +759,8 @@ def build_engine(config: RMConfig, source: str, total_steps: int):
 
 def evaluate_heldout(model, source: str, config: RMConfig, dist, ids: dict[str, int], step: int) -> dict[str, Any]:
     """Held-out metrics at ``step``; rank 0 logs them and appends them to OUTPUT/eval.jsonl."""
-    reader = make_reader(source, config, 0, dist, PairPreparer(model.tokenizer, config), evaluation=True)
+    reader = make_reader(source, config, 0, dist, PairPreparer(model.tokenizer, config, model.lmm.chat),
+                         evaluation=True)
     metrics = eval_metrics(score_pairs(model, reader, batch_size=config.eval_batch, limit=config.eval_max_pairs,
                                        device=dist.device, rank=dist.rank, world_size=dist.world_size, **ids))
     if dist.is_main:
@@ -775,7 +775,8 @@ def reward_statistics(model, source: str, config: RMConfig, dist, ids: dict[str,
     ``stats_max_pairs``) training pairs, i.e. on responses of the SFT model."""
     from train.reward import RewardStats
 
-    reader = make_reader(source, config, 0, dist, PairPreparer(model.tokenizer, config), evaluation=True)
+    reader = make_reader(source, config, 0, dist, PairPreparer(model.tokenizer, config, model.lmm.chat),
+                         evaluation=True)
     sums = score_pairs(model, reader, batch_size=config.eval_batch, limit=config.stats_max_pairs,
                        device=dist.device, rank=dist.rank, world_size=dist.world_size, **ids)
     stats = RewardStats.from_sums(2 * sums["pairs"], sums["chosen_sum"] + sums["rejected_sum"],
@@ -835,7 +836,8 @@ def evaluate_model(config: EvalRMConfig, dist) -> dict[str, Any]:
     rm = RMConfig(shards=config.shards, stages=config.stages, max_length=model.max_length,
                   length_policy=config.length_policy, context=model.context, on_error=config.on_error)
     ids = {"pad_token_id": model.lmm.pad_token_id, "video_token_id": model.lmm.video_token_id}
-    reader = make_reader(config.shards, rm, 0, dist, PairPreparer(model.tokenizer, rm), evaluation=True)
+    reader = make_reader(config.shards, rm, 0, dist, PairPreparer(model.tokenizer, rm, model.lmm.chat),
+                         evaluation=True)
     sums = score_pairs(model, reader, batch_size=config.batch_size, limit=config.max_pairs,
                        device=dist.device, rank=dist.rank, world_size=dist.world_size, **ids)
     return {"model": config.model, "shards": config.shards, **eval_metrics(sums)}

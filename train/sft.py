@@ -69,7 +69,7 @@ STATE_FORMAT = "vlmr-sft-state/1"
 # Settings a resumed run must share with the checkpoint: they fix the data order and the plan.
 PLAN_FIELDS = ("shards", "stages", "epochs_per_stage", "micro_batch", "grad_accum", "shuffle",
                "window", "seed", "max_length", "length_policy", "model", "lora_r", "lora_alpha", "qlora",
-               "lora_targets", "curriculum", "max_steps")
+               "lora_targets", "curriculum", "max_steps", "template")
 
 
 @dataclass
@@ -140,19 +140,17 @@ class SamplePreparer:
     Returns None for a sample the guard leaves out (the reader counts it and fills its slot).
     """
 
-    def __init__(self, tokenizer, max_length: int, policy: str, on_error: str = "raise"):
-        import functools
-
-        from train.length import LengthGuard
+    def __init__(self, tokenizer, max_length: int, policy: str, on_error: str = "raise",
+                 template: str = "vicuna_v1"):
         from train import conversation
+        from train.length import LengthGuard
 
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.on_error = on_error
-        self.guard = LengthGuard(
-            tokenizer, max_length, policy=policy,
-            render=functools.partial(conversation.render, eos=tokenizer.eos_token or conversation.SEP2),
-            count=lambda text: conversation.count_tokens(text, tokenizer))
+        self.template = template
+        chat = conversation.chat_template(template, tokenizer)
+        self.guard = LengthGuard(tokenizer, max_length, policy=policy, render=chat.render, count=chat.count_tokens)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         from train.finite import check_features
@@ -164,7 +162,7 @@ class SamplePreparer:
         if sample is None:
             return None
         # max_length again: a safety net that cuts the tail should a tokenizer count differ.
-        return tokenize_sample(sample, self.tokenizer, max_length=self.max_length)
+        return tokenize_sample(sample, self.tokenizer, max_length=self.max_length, template=self.template)
 
 
 def make_reader(config: SFTConfig, stage: str, epoch: int, dist, prepare=None):
@@ -250,7 +248,7 @@ def make_stream(config: SFTConfig, phase: Phase, dist, tokenizer=None):
         prepare = None
         if tokenizer is not None:
             prepare = SamplePreparer(tokenizer if i == 0 else copy.deepcopy(tokenizer),
-                                     config.max_length, config.length_policy, config.on_error)
+                                     config.max_length, config.length_policy, config.on_error, config.template)
             preparers.append(prepare)
         readers.append(make_reader(config, stage, phase.epoch, dist, prepare))
     if len(readers) == 1 and not phase.stages:
@@ -307,7 +305,7 @@ def make_loader(stream, config: SFTConfig, tokenizer):
     from train.model import collate
 
     def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = collate(samples, tokenizer)
+        batch = collate(samples, tokenizer, template=config.template)
         batch["shards"] = [s.get("shard", "") for s in samples]
         return batch
 
@@ -467,7 +465,7 @@ def model_settings(config: SFTConfig):
                     "every logit near ±3, so the loss cannot go much below 4 nats per token")
     return ModelSettings(lm=config.model, feat_dim=config.feat_dim or feat_width(config),
                          lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                         lora_targets=targets, qlora=config.qlora,
+                         lora_targets=targets, qlora=config.qlora, template=config.template,
                          dtype="bfloat16" if config.precision == "bf16" else "float32")
 
 

@@ -120,6 +120,9 @@ class SupervisedConfig(TrainerConfig):
     """Metrics line every N steps (rank 0)."""
     log_keys: bool = False
     """Write the sample keys each rank trains on, per step, to OUTPUT/keys/rank-N.tsv (audit)."""
+    template: Literal["vicuna_v1", "tokenizer"] = "vicuna_v1"
+    """Chat template of a model built here from a base LM: vicuna_v1 (LLaVA-1.5/Vicuna) or tokenizer (the
+    checkpoint's own chat template, e.g. Llama-3, Qwen2, SmolLM2). A saved SFT model keeps its own."""
 
     def problems(self) -> list[str]:
         p = super().problems()
