@@ -22,8 +22,11 @@ import torch
 from llm_stub_server import Reply, StubChatServer
 
 from dataengine import build
+from dataengine import config as cfg
 from dataengine.reader import ShardReader
-from train import evaluate, metrics
+from train import metrics
+from train.eval import answering, configs, judging, run, tasks
+from train.prompt_files import load_prompt
 from train.shardstage import RankInfo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,13 +173,13 @@ def test_synthetic_exact_scores_side_by_side(bench, tmp_path):
     mentioned = sum(len(set().union(*(metrics.mentions(answer(r))[k] for k in ("colour", "shape", "direction"))))
                     for r in rows)
     out = tmp_path / "out"
-    evaluate.synthetic_main(["--shards", str(shards), "--world", str(world), "--output", str(out), "--predictions",
+    run.synthetic_main(["--shards", str(shards), "--world", str(world), "--output", str(out), "--predictions",
                              str(write_predictions(tmp_path / "truth.jsonl", truth)),
                              str(write_predictions(tmp_path / "mixed.jsonl", mixed)), "--no-progress"])
     got = metrics_of(out)
     assert list(got) == ["truth", "mixed"]
     assert got["truth"]["accuracy"] == 1.0 and got["truth"]["groundedness"] == 1.0
-    assert all(got["truth"][f"accuracy/{q}"] == 1.0 for q in evaluate.SYNTHETIC_QTYPES)
+    assert all(got["truth"][f"accuracy/{q}"] == 1.0 for q in configs.SYNTHETIC_QTYPES)
     assert got["truth"]["event F1"] == 1.0 and got["truth"]["mentions"] == mentioned
     assert got["mixed"]["accuracy"] == pytest.approx(42 / 48)
     assert got["mixed"]["accuracy/colour"] == 0.0 and got["mixed"]["accuracy/shape"] == 1.0
@@ -198,7 +201,7 @@ def test_synthetic_tiny_models_answer_side_by_side(bench, tmp_path):
     """Saved models (one given as its run folder) answer the first 12 samples."""
     m0, m1 = bench["models"]
     out = tmp_path / "out"
-    evaluate.synthetic_main(["--shards", str(bench["shards"]["synthetic"]), "--world", str(bench["world"]),
+    run.synthetic_main(["--shards", str(bench["shards"]["synthetic"]), "--world", str(bench["world"]),
                              "--models", str(m0.parent), str(m1), "--limit", "12", "--max-new-tokens", "6",
                              "--batch-size", "5", "--output", str(out), "--no-progress"])
     got = summary(out)
@@ -224,8 +227,8 @@ def test_synthetic_needs_ground_truth_for_every_video(bench, tmp_path):
     argv = ["--shards", str(bench["shards"]["synthetic"]), "--world", str(world), "--predictions", str(preds),
             "--no-progress"]
     with pytest.raises(ValueError, match=r"key annotations-\d+: video 'vid_00002' has no ground truth"):
-        evaluate.synthetic_main(argv + ["--output", str(tmp_path / "a")])
-    evaluate.synthetic_main(argv + ["--output", str(tmp_path / "b"), "--on-error", "skip"])
+        run.synthetic_main(argv + ["--output", str(tmp_path / "a")])
+    run.synthetic_main(argv + ["--output", str(tmp_path / "b"), "--on-error", "skip"])
     got = metrics_of(tmp_path / "b")["p"]
     assert got["samples"] == 40 and got["skipped"] == 8  # nothing silently lost
     skipped = [line for line in results(tmp_path / "b", "p") if line.get("skipped")]
@@ -256,11 +259,11 @@ def test_qa_judged_over_http_and_a_rerun_costs_nothing(bench, tmp_path):
         argv = ["--shards", str(bench["shards"]["qa"]), "--predictions", str(preds), "--judge", server.url,
                 "--judge-model", "stub-judge", "--judge-cache", str(tmp_path / "cache"), "--seed", "7",
                 "--no-progress", "--timeout", "5"]
-        evaluate.qa_main(argv + ["--output", str(tmp_path / "first")])
+        run.qa_main(argv + ["--output", str(tmp_path / "first")])
         assert server.request_count == 15
         body = server.requests[0]["body"]
         assert body["temperature"] == 0.0 and body["seed"] == 7 and body["model"] == "stub-judge"
-        evaluate.qa_main(argv + ["--output", str(tmp_path / "second")])
+        run.qa_main(argv + ["--output", str(tmp_path / "second")])
         assert server.request_count == 15  # every verdict came from the cache
     first, second = metrics_of(tmp_path / "first")["p"], metrics_of(tmp_path / "second")["p"]
     # 9 right (yes, 5), 5 wrong (no, 1), 1 reply without a verdict.
@@ -283,8 +286,8 @@ def test_qa_judge_failures_are_counted_or_stop_the_run(bench, tmp_path):
                 "--judge-model", "m", "--judge-cache", str(tmp_path / "cache"), "--max-retries", "0",
                 "--backoff", "0.001", "--no-progress", "--limit", "3"]
         with pytest.raises(RuntimeError, match="3 judge request"):
-            evaluate.qa_main(argv + ["--output", str(tmp_path / "a")])
-        evaluate.qa_main(argv + ["--output", str(tmp_path / "b"), "--on-error", "skip"])
+            run.qa_main(argv + ["--output", str(tmp_path / "a")])
+        run.qa_main(argv + ["--output", str(tmp_path / "b"), "--on-error", "skip"])
     got = metrics_of(tmp_path / "b")["p"]
     assert got["judge failed"] == 3 and got["judged"] == 0 and got["accuracy"] is None
     assert all("judge_error" in line for line in results(tmp_path / "b", "p"))
@@ -292,7 +295,7 @@ def test_qa_judge_failures_are_counted_or_stop_the_run(bench, tmp_path):
 
 def test_qa_with_a_model_and_the_local_tiny_judge(bench, tmp_path):
     out = tmp_path / "out"
-    evaluate.qa_main(["--shards", str(bench["shards"]["qa"]), "--models", str(bench["models"][0]),
+    run.qa_main(["--shards", str(bench["shards"]["qa"]), "--models", str(bench["models"][0]),
                       "--judge", "tiny", "--judge-cache", str(tmp_path / "cache"), "--judge-max-tokens", "12",
                       "--limit", "3", "--max-new-tokens", "6", "--output", str(out), "--no-progress"])
     got = metrics_of(out)["m0"]
@@ -321,7 +324,7 @@ def test_generative_five_criteria(bench, tmp_path):
                    for r in rows}
     preds = write_predictions(tmp_path / "p.jsonl", predictions)
     with StubChatServer(responder=criterion_judge) as server:
-        evaluate.generative_main(["--shards", str(bench["shards"]["generative"]), "--predictions", str(preds),
+        run.generative_main(["--shards", str(bench["shards"]["generative"]), "--predictions", str(preds),
                                   "--judge", server.url, "--judge-model", "m", "--judge-cache", str(tmp_path / "c"),
                                   "--output", str(tmp_path / "out"), "--no-progress"])
         # 3 generic x 3 criteria + 3 temporal + 3 consistency (q2) + 2 consistency pairs
@@ -345,8 +348,8 @@ def test_generative_five_criteria(bench, tmp_path):
 
 
 def test_generative_pairs_must_be_pairs_of_one_video(tmp_path):
-    config = evaluate.GenerativeConfig(shards="s", predictions=["p"], judge="http://127.0.0.1:9/v1", judge_model="m")
-    task = evaluate.GenerativeTask(config, RankInfo(), "cpu")
+    config = configs.GenerativeConfig(shards="s", predictions=["p"], judge="http://127.0.0.1:9/v1", judge_model="m")
+    task = tasks.GenerativeTask(config, RankInfo(), "cpu")
     records = [{"key": "a", "video_id": "v1", "question": "q", "prediction": "x", "question_pair": "p1"},
                {"key": "b", "video_id": "v2", "question": "q", "prediction": "x", "question_pair": "p1"},
                {"key": "c", "video_id": "v3", "question": "q", "prediction": "x", "question_pair": "p2"}]
@@ -369,7 +372,7 @@ def test_retrieval_recall_hand_computed(bench, tmp_path):
     exact = write_predictions(tmp_path / "exact.jsonl", {r["key"]: by_video[r["video_id"]] for r in rows})
     same = write_predictions(tmp_path / "same.jsonl", {r["key"]: "A shape moves." for r in rows})
     out = tmp_path / "out"
-    evaluate.retrieval_main(["--shards", str(bench["shards"]["retrieval"]), "--predictions", str(exact), str(same),
+    run.retrieval_main(["--shards", str(bench["shards"]["retrieval"]), "--predictions", str(exact), str(same),
                              "--output", str(out), "--no-progress"])
     got = metrics_of(out)
     # A description equal to the caption is the caption's nearest text: 6 queries at rank 0;
@@ -385,17 +388,17 @@ def test_retrieval_recall_hand_computed(bench, tmp_path):
 def test_retrieval_ties_survive_batch_dependent_rounding(bench, tmp_path, monkeypatch):
     """Equal texts embedded in different places of a batch may differ in the last bits (other
     CPUs, thread counts): equal descriptions must still tie exactly."""
-    real_embed = evaluate.ClipText.embed
+    real_embed = judging.ClipText.embed
 
     def jittery_embed(self, texts, batch=64):
         rows = real_embed(self, texts, batch)
         return rows + 1e-6 * np.arange(len(rows), dtype=rows.dtype)[:, None]  # position-dependent rounding
 
-    monkeypatch.setattr(evaluate.ClipText, "embed", jittery_embed)
+    monkeypatch.setattr(judging.ClipText, "embed", jittery_embed)
     rows = samples(bench["shards"]["retrieval"])
     same = write_predictions(tmp_path / "same.jsonl", {r["key"]: "A shape moves." for r in rows})
     out = tmp_path / "out"
-    evaluate.retrieval_main(["--shards", str(bench["shards"]["retrieval"]), "--predictions", str(same),
+    run.retrieval_main(["--shards", str(bench["shards"]["retrieval"]), "--predictions", str(same),
                              "--output", str(out), "--no-progress"])
     got = metrics_of(out)["same"]
     assert (got["R@1"], got["R@5"], got["R@10"]) == (0.0, 0.0, 1.0)
@@ -406,7 +409,7 @@ def test_text_similarity_gives_equal_texts_equal_scores():
         rows = np.eye(4)[:len(texts)] + 0.1 * np.arange(len(texts))[:, None]
         return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
-    sim = evaluate.text_similarity(embed, ["q", "r", "q"], ["x", "y", "x"])
+    sim = judging.text_similarity(embed, ["q", "r", "q"], ["x", "y", "x"])
     assert sim.shape == (3, 3)
     assert np.array_equal(sim[:, 0], sim[:, 2]) and np.array_equal(sim[0], sim[2])
     assert not np.array_equal(sim[:, 0], sim[:, 1])
@@ -414,10 +417,10 @@ def test_text_similarity_gives_equal_texts_equal_scores():
 
 def test_retrieval_with_a_model_generates_each_video_once(bench, tmp_path):
     out = tmp_path / "out"
-    evaluate.retrieval_main(["--shards", str(bench["shards"]["retrieval"]), "--models", str(bench["models"][1]),
+    run.retrieval_main(["--shards", str(bench["shards"]["retrieval"]), "--models", str(bench["models"][1]),
                              "--max-new-tokens", "6", "--output", str(out), "--no-progress"])
     lines = results(out, "m1")
-    assert len(lines) == 7 and all(line["question"] == evaluate.DESCRIBE for line in lines)
+    assert len(lines) == 7 and all(line["question"] == configs.DESCRIBE for line in lines)
     by_video: dict[str, set[str]] = {}
     for line in lines:
         by_video.setdefault(line["video_id"], set()).add(line["prediction"])
@@ -430,13 +433,13 @@ def test_retrieval_with_a_model_generates_each_video_once(bench, tmp_path):
 
 def test_action_topk_hand_computed(bench, tmp_path):
     rows = samples(bench["shards"]["action"])
-    words = {c: evaluate.class_words(c) for c in bench["class_names"]}
+    words = {c: tasks.class_words(c) for c in bench["class_names"]}
     assert words["MoveLeft"] == "move left"
     right = write_predictions(tmp_path / "right.jsonl",
                               {r["key"]: f"a video of a person {answer(r)}." for r in rows})
     same = write_predictions(tmp_path / "same.jsonl", {r["key"]: "a video of a person move left." for r in rows})
     out = tmp_path / "out"
-    evaluate.action_main(["--shards", str(bench["shards"]["action"]), "--classes", str(bench["classes"]),
+    run.action_main(["--shards", str(bench["shards"]["action"]), "--classes", str(bench["classes"]),
                           "--predictions", str(right), str(same), "--output", str(out), "--no-progress"])
     got = metrics_of(out)
     # A description equal to its class prompt is that prompt's nearest text: all top-1.
@@ -453,7 +456,7 @@ def test_action_topk_hand_computed(bench, tmp_path):
 
 def test_action_with_a_model_and_a_bad_label(bench, tmp_path):
     out = tmp_path / "out"
-    evaluate.action_main(["--shards", str(bench["shards"]["action"]), "--classes", str(bench["classes"]),
+    run.action_main(["--shards", str(bench["shards"]["action"]), "--classes", str(bench["classes"]),
                           "--models", str(bench["models"][0]), "--max-new-tokens", "6", "--output", str(out),
                           "--no-progress", "--limit", "3"])
     got = metrics_of(out)["m0"]
@@ -463,8 +466,8 @@ def test_action_with_a_model_and_a_bad_label(bench, tmp_path):
     argv = ["--shards", str(bench["shards"]["action"]), "--classes", str(fewer), "--models", str(bench["models"][0]),
             "--max-new-tokens", "4", "--no-progress"]
     with pytest.raises(ValueError, match=r"key action-\d+: label .* (is not a class|outside the 2 classes)"):
-        evaluate.action_main(argv + ["--output", str(tmp_path / "a")])
-    evaluate.action_main(argv + ["--output", str(tmp_path / "b"), "--on-error", "skip"])
+        run.action_main(argv + ["--output", str(tmp_path / "a")])
+    run.action_main(argv + ["--output", str(tmp_path / "b"), "--on-error", "skip"])
     got = metrics_of(tmp_path / "b")["m0"]
     kept = sum(answer(r).split()[1] in ("left", "right") for r in samples(bench["shards"]["action"]))
     assert got["samples"] == kept and got["samples"] + got["skipped"] == 6
@@ -473,10 +476,10 @@ def test_action_with_a_model_and_a_bad_label(bench, tmp_path):
 # ----------------------------------------------------------------------------- pieces
 
 def test_prompts_parse_and_commands_have_help(capsys):
-    evaluate.load_prompt(evaluate.QA_PROMPT, required=("question", "answer", "prediction"))
-    config = evaluate.GenerativeConfig(shards="s", predictions=["p"], judge="tiny")
-    evaluate.GenerativeTask(config, RankInfo(), "cpu")  # loads all five prompts
-    for main in evaluate.MAINS.values():
+    load_prompt(configs.QA_PROMPT, required=("question", "answer", "prediction"))
+    config = configs.GenerativeConfig(shards="s", predictions=["p"], judge="tiny")
+    tasks.GenerativeTask(config, RankInfo(), "cpu")  # loads all five prompts
+    for main in run.MAINS.values():
         with pytest.raises(SystemExit) as exit_info:
             main(["--help"])
         assert exit_info.value.code == 0
@@ -484,7 +487,7 @@ def test_prompts_parse_and_commands_have_help(capsys):
 
 
 def test_shipped_config_parses():
-    config = evaluate.cfg.parse_config(evaluate.SyntheticConfig,
+    config = cfg.parse_config(configs.SyntheticConfig,
                                        ["--config", str(ROOT / "train" / "configs" / "eval_synthetic_tiny.yaml")])
     assert config.models == ["runs/demo/sft", "runs/demo/ppo"] and config.world == "runs/demo/world-eval"
     assert config.stages == []  # every non-empty stage of the shards
@@ -492,24 +495,24 @@ def test_shipped_config_parses():
 
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(SystemExit):
-        evaluate.qa_main(["--shards", "s", "--predictions", "p", "--judge", "http://x:1/v1"])  # no --judge-model
-    with pytest.raises(evaluate.cfg.ConfigError, match="--classes"):
-        evaluate.ActionConfig(shards="s", models=["m"])
+        run.qa_main(["--shards", "s", "--predictions", "p", "--judge", "http://x:1/v1"])  # no --judge-model
+    with pytest.raises(cfg.ConfigError, match="--classes"):
+        configs.ActionConfig(shards="s", models=["m"])
     with pytest.raises(FileNotFoundError, match="not a saved model"):
-        evaluate.resolve_candidates(evaluate.SyntheticConfig(shards="s", world="w", models=[str(tmp_path)]))
+        answering.resolve_candidates(configs.SyntheticConfig(shards="s", world="w", models=[str(tmp_path)]))
     prompt = tmp_path / "p.txt"
     prompt.write_text("# doc\nQ: $question A: $answer\n")
     with pytest.raises(ValueError, match=r"p.txt: missing placeholder\(s\) \$prediction"):
-        evaluate.load_prompt(prompt, required=("question", "answer", "prediction"))
+        load_prompt(prompt, required=("question", "answer", "prediction"))
 
 
 def test_small_helpers():
-    assert evaluate.distinct_names(["runs/sft/model", "runs/ppo/model"]) == ["sft/model", "ppo/model"]
-    assert evaluate.distinct_names(["a/x", "b/y"]) == ["x", "y"]
-    assert evaluate.class_words("ApplyEyeMakeup") == "apply eye makeup"
-    assert evaluate.class_words("brush_hair") == "brush hair"
-    assert evaluate.class_words("YoYo") == "yo yo"
-    table = evaluate.format_table("t", [{"name": "a", "rows": [["acc", 0.5, "pct"], ["score", 3.25, "score"]]},
+    assert answering.distinct_names(["runs/sft/model", "runs/ppo/model"]) == ["sft/model", "ppo/model"]
+    assert answering.distinct_names(["a/x", "b/y"]) == ["x", "y"]
+    assert tasks.class_words("ApplyEyeMakeup") == "apply eye makeup"
+    assert tasks.class_words("brush_hair") == "brush hair"
+    assert tasks.class_words("YoYo") == "yo yo"
+    table = run.format_table("t", [{"name": "a", "rows": [["acc", 0.5, "pct"], ["score", 3.25, "score"]]},
                                         {"name": "bb", "rows": [["acc", None, "pct"], ["n", 4, "count"]]}])
     assert table.splitlines()[1:] == ["metric      a  bb", "-------  ----  --", "acc (%)  50.0   -",
                                       "score    3.25   -", "n           -   4"]
@@ -520,10 +523,10 @@ def test_load_classes_forms(tmp_path):
     plain.write_text("# comment\nbrush_hair\n\ncartwheel\n")
     ucf.write_text("1 ApplyEyeMakeup\n2 ApplyLipstick\n")
     twice.write_text("a\nb\na\n")
-    assert evaluate.load_classes(plain) == ["brush_hair", "cartwheel"]
-    assert evaluate.load_classes(ucf) == ["ApplyEyeMakeup", "ApplyLipstick"]
+    assert tasks.load_classes(plain) == ["brush_hair", "cartwheel"]
+    assert tasks.load_classes(ucf) == ["ApplyEyeMakeup", "ApplyLipstick"]
     with pytest.raises(ValueError, match="c.txt:3: class 'a' listed twice"):
-        evaluate.load_classes(twice)
+        tasks.load_classes(twice)
 
 
 # ----------------------------------------------------------------------------- two ranks
@@ -541,11 +544,11 @@ def test_two_ranks_under_torchrun_match_one_rank(bench, tmp_path):
     preds = write_predictions(tmp_path / "p.jsonl", {r["key"]: answer(r) for r in rows[::2]})  # half answered
     common = ["--shards", str(shards), "--world", str(world), "--models", str(model), "--predictions", str(preds),
               "--limit", "11", "--max-new-tokens", "4", "--batch-size", "1", "--on-error", "skip", "--no-progress"]
-    evaluate.synthetic_main(common + ["--output", str(tmp_path / "one")])
+    run.synthetic_main(common + ["--output", str(tmp_path / "one")])
     torchrun = Path(sys.executable).parent / "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), VLMR_LOG="WARNING")
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                           "--master_port", str(free_port()), str(ROOT / "train" / "evaluate.py"), "synthetic",
+                           "--master_port", str(free_port()), "-m", "train.eval.run", "synthetic",
                            *common, "--output", str(tmp_path / "two")],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

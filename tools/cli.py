@@ -28,11 +28,11 @@ GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
         "ppo": ("train.ppo", "main", "PPO against the reward model, QLoRA policy"),
     },
     "eval": {
-        "synthetic": ("train.evaluate", "synthetic_main", "exact scoring on the synthetic world"),
-        "qa": ("train.evaluate", "qa_main", "open-ended video QA judged by an LLM"),
-        "generative": ("train.evaluate", "generative_main", "the five-criteria generative benchmark"),
-        "retrieval": ("train.evaluate", "retrieval_main", "text-to-video retrieval by CLIP score"),
-        "action": ("train.evaluate", "action_main", "zero-shot action recognition by CLIP score"),
+        "synthetic": ("train.eval.run", "synthetic_main", "exact scoring on the synthetic world"),
+        "qa": ("train.eval.run", "qa_main", "open-ended video QA judged by an LLM"),
+        "generative": ("train.eval.run", "generative_main", "the five-criteria generative benchmark"),
+        "retrieval": ("train.eval.run", "retrieval_main", "text-to-video retrieval by CLIP score"),
+        "action": ("train.eval.run", "action_main", "zero-shot action recognition by CLIP score"),
         "rm": ("train.rm", "eval_main", "held-out pairwise accuracy of a reward model"),
     },
 }

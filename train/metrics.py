@@ -1,4 +1,4 @@
-"""Evaluation metrics as small pure functions (no I/O, no models), used by ``train/evaluate.py``.
+"""Evaluation metrics as small pure functions (no I/O, no models), used by ``train/eval/``.
 
 - LLM-judge replies: :func:`parse_qa_verdict` reads ``{"pred": "yes"|"no", "score": 0-5}``
   (JSON, the Python-dict form older judges write, or plain text), :func:`parse_score` reads
