@@ -181,7 +181,8 @@ def plan_jobs(per_video: Counter, index: dict[str, Path]) -> list[VideoJob]:
 def decode_settings(config: BuildConfig, encoder_identity: str, image_size: int) -> dict[str, Any]:
     """Everything that changes the cached features of a video besides its bytes."""
     return {"frames": config.frames, "clips": config.clips, "clip_frames": config.clip_frames,
-            "size": image_size, "encoder": encoder_identity, "pooling": "vcg-mean/1"}
+            "size": image_size, "encoder": encoder_identity, "pooling": "vcg-mean/1",
+            "decoder": decode.DECODER_VERSION}
 
 
 def encode_videos(jobs: list[VideoJob], config: BuildConfig, cache: features.FeatureCache,
@@ -431,6 +432,8 @@ def build_locked(config: BuildConfig, ranks: dist.Ranks) -> BuildSummary:
 
 
 def main(argv: list[str] | None = None, prog: str = "vlmr build-shards") -> int:
+    """Exit status: 0 built; 1 an input or output problem (named in one line); 2 bad settings;
+    3 an internal failure of the decoder (a bug of ours, with the ffmpeg command)."""
     try:
         config = cfg.parse_config(BuildConfig, argv, prog=prog)
     except cfg.ConfigError as exc:
@@ -446,6 +449,9 @@ def main(argv: list[str] | None = None, prog: str = "vlmr build-shards") -> int:
     except OSError as exc:  # a path that cannot be read or written, a full disk: one line, no traceback
         print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
+    except decode.InternalDecodeError as exc:  # our bug, not the input's: its own exit status
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 3
     finally:
         if created:
             dist.close()

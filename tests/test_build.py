@@ -385,7 +385,7 @@ def test_a_byte_that_is_not_utf8_is_skipped_and_counted(synth_world, tmp_path, b
     assert "1 malformed records skipped" in capsys.readouterr().out
 
 
-def test_an_internal_decoder_failure_stops_the_build_and_is_not_filed(synth_world, tmp_path, monkeypatch):
+def test_an_internal_decoder_failure_stops_the_build_and_is_not_filed(synth_world, tmp_path, monkeypatch, capsys):
     """The decoder's own failure is never blamed on the video: no failures.jsonl line, no manifest."""
     from dataengine import decode
 
@@ -399,6 +399,17 @@ def test_an_internal_decoder_failure_stops_the_build_and_is_not_filed(synth_worl
     with pytest.raises(decode.InternalDecodeError):
         run_build(synth_world, out, tmp_path / "cache")
     assert not (out / schema.FAILURES_NAME).exists() and not (out / schema.MANIFEST_NAME).exists()
+    assert build.main(cli_args(synth_world, out, tmp_path / "cache")) == 3  # the command: one line, its own status
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vlmr build-shards: error: internal failure in the decoder (not the video's fault)")
+    assert "command: ffmpeg -bad" in err
+
+
+def test_the_decoder_version_is_part_of_the_feature_cache_key():
+    from dataengine import decode
+
+    settings = build.decode_settings(build.BuildConfig(annotations=["a"], videos="v"), "enc", 64)
+    assert settings["decoder"] == decode.DECODER_VERSION
 
 
 def _no_long_work(monkeypatch):
