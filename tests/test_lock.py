@@ -149,3 +149,18 @@ class _StageConfig:
 
     seed: int = 0
 
+
+
+def test_stage_command_with_an_unusable_out_is_one_line(tiny_set, tmp_path, capsys):
+    from train import shardstage
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out = blocker / "out"
+
+    def run(config, ranks):
+        return run_copy(tiny_set, out)
+
+    code = shardstage.stage_main(_StageConfig, run, [], prog="vlmr copy", headline=lambda c: "done")
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.startswith(f"vlmr copy: error: {blocker}"), err
