@@ -13,6 +13,10 @@ A broken video (missing, empty, corrupt, audio-only) is written to ``failures.js
 reason and the number of samples left out; the build goes on. Re-running after a kill
 re-encodes nothing already cached and produces byte-identical shards.
 
+Before any of it: --out and the cache must take files (else one line naming the path), and
+the build holds ``OUT/.vlmr.lock`` (:mod:`dataengine.lock`): a second build into the same
+folder is refused, naming this one.
+
 Run::
 
     vlmr build-shards --annotations data/ann.json --videos data/videos --out shards/NAME
