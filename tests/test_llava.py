@@ -145,3 +145,21 @@ def test_a_plain_lm_folder_is_no_llava(tmp_path):
     from checkpoints import write_llama
 
     assert llava_layout(write_llama(tmp_path / "lm")) is None
+
+
+@pytest.mark.parametrize("layout", ["hf-hub", "original"])
+def test_a_llava_folder_loads_4bit_for_qlora(layout, tmp_path):
+    """The paper trains QLoRA on LLaVA-1.5: the LM part loads 4-bit from the LLaVA folder too."""
+    import bitsandbytes as bnb
+
+    lm_state, projector_state = LAYOUTS[layout][0](tmp_path / "llava")
+    model = VideoLMM.build(ModelSettings(lm=str(tmp_path / "llava"), feat_dim=FEAT, lora_r=4, lora_alpha=4,
+                                         qlora=True), seed=0)
+    assert torch.equal(model.projector[0].weight.float(), projector_state["0.weight"])
+    base = model.lm.get_base_model()
+    assert torch.equal(base.get_input_embeddings().weight.float(), lm_state["model.embed_tokens.weight"])
+    q_proj = base.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(q_proj, bnb.nn.Linear4bit)
+    weight = bnb.functional.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state).float()
+    written = lm_state["model.layers.0.self_attn.q_proj.weight"]
+    assert (weight - written).abs().max() < 0.25 * written.abs().max()  # nf4 rounding, not another tensor
