@@ -43,7 +43,9 @@ STREAMS: dict[str, tuple[str, list[str], bool]] = {
     "10_frames": ("ten.mp4", [*_source(0.4), *X264], True),
     "250_frames": ("h264.mp4", [*_source(10), *X264], True),
     "h264_mkv": ("h264.mkv", [*_source(10), *X264], True),
-    "hevc_mp4": ("hevc.mp4", [*_source(10), "-c:v", "libx265", "-x265-params", "log-level=none:keyint=47:scenecut=0"], False),
+    # keyint 47 (not a multiple of the mini-GOP) makes x265's default open GOP show: leading pictures
+    "hevc_mp4": ("hevc.mp4", [*_source(10), "-c:v", "libx265", "-x265-params",
+                              "log-level=none:keyint=47:scenecut=0"], False),
     "vp9_webm": ("vp9.webm", [*_source(10), "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8",
                               "-g", "50"], True),
     "av1_mkv": ("av1.mkv", [*_source(6), "-c:v", "libaom-av1", "-cpu-used", "8", "-g", "50"], True),
@@ -59,7 +61,8 @@ STREAMS: dict[str, tuple[str, list[str], bool]] = {
                                         "-map", "0:a", "-map", "1:v", *X264, "-c:a", "aac"], True),
     "gop_600": ("gop600.mp4", [*_source(36), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "600",
                                "-keyint_min", "600", "-sc_threshold", "0"], True),
-    "open_gop": ("opengop.mp4", [*_source(10), *X264, "-x264-params", "open-gop=1:keyint=47:min-keyint=47:scenecut=0"], False),
+    "open_gop": ("opengop.mp4", [*_source(10), *X264, "-x264-params",
+                                 "open-gop=1:keyint=47:min-keyint=47:scenecut=0"], False),
     "long_2min": ("long.mp4", [*_source(130, "testsrc2=size=64x36:rate=25"), "-c:v", "libx264",
                                "-preset", "veryfast", "-pix_fmt", "yuv420p", "-g", "50"], True),
 }
@@ -269,3 +272,23 @@ def test_broken_stream_still_fails_with_reason(streams, tmp_path):
     with pytest.raises(DecodeError) as excinfo:
         decode_video(garbage, size=32)
     assert excinfo.value.reason in ("corrupt", "no_frames")
+
+
+@pytest.mark.parametrize("name", ["open_gop", "hevc_mp4"])
+def test_open_gop_cannot_be_seeked_exactly(streams, name):
+    # Leading pictures of an open GOP (decoded after their keyframe, shown before it) reference
+    # the previous GOP: decoded from their keyframe they do not come out at all (H.264, HEVC).
+    # So the plan never seeks there, and a forced seek decodes sequentially instead.
+    from dataengine import decode
+
+    path = decode._absolute(streams[name])
+    info, index = decode._index_video(path, None)
+    keys = [i for i, key in enumerate(index.key) if key] + [len(index)]
+    leading = [i for a, b in zip(keys, keys[1:]) for i in range(a + 1, b) if index.pts[i] < index.pts[a]]
+    assert leading and "open GOP" in seekplan.seek_blocker(index)
+    frame = index.shown.index(leading[0])
+    runs = seekplan.seek_runs(index, [frame])  # what a seek would decode, asked for regardless
+    with pytest.raises(decode._SeekMiss, match="did not come out"):
+        decode._decode_runs(path, info.stream, index, runs, native_bytes, decode._Deadline(60, path, "test"))
+    read = decode_frames(path, [frame], convert=native_bytes, plan="seek")
+    assert read.plan == "sequential" and "open GOP" in read.why
