@@ -355,6 +355,7 @@ def train(config: SFTConfig, ranks) -> dict[str, Any]:
     """Run (or resume) the curriculum; returns a summary (steps, last metrics, model path)."""
     import torch
 
+    from dataengine.models import load_tokenizer, resolve_lm
     from train import launch
     from train.runs import Run
 
@@ -362,8 +363,6 @@ def train(config: SFTConfig, ranks) -> dict[str, Any]:
     torch.manual_seed(config.seed)
 
     # -- setup, in dependency order: tokenizer, curriculum, model, engine -----------------
-    from dataengine.models import load_tokenizer, resolve_lm
-
     tokenizer = load_tokenizer(config.tokenizer or resolve_lm(config.model))
     phases = plan_curriculum(config, ranks)
     total_steps = sum(p.steps for p in phases)
