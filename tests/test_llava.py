@@ -163,3 +163,14 @@ def test_a_llava_folder_loads_4bit_for_qlora(layout, tmp_path):
     weight = bnb.functional.dequantize_4bit(q_proj.weight.data, q_proj.weight.quant_state).float()
     written = lm_state["model.layers.0.self_attn.q_proj.weight"]
     assert (weight - written).abs().max() < 0.25 * written.abs().max()  # nf4 rounding, not another tensor
+
+
+def test_a_llava_folder_without_its_lm_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_hf_llava(tmp_path / "llava", "hub")
+    state = load_file(str(tmp_path / "llava" / "model.safetensors"))
+    del state["language_model.model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(tmp_path / "llava" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layers.1.mlp.up_proj.weight"):
+        VideoLMM.build(ModelSettings(lm=str(tmp_path / "llava"), feat_dim=FEAT, lora_r=4, lora_alpha=4), seed=0)

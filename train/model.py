@@ -125,11 +125,18 @@ def _load_base(settings: ModelSettings):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": "cuda" if torch.cuda.is_available() else "cpu"}
-    if llava is not None:
-        # The LM of a LLaVA folder: its text config and weights under the layout's names.
-        kwargs.update(config=llava.text_config(), key_mapping=llava.key_mapping or None)
-    with quiet_loading():  # a LLaVA folder reports its vision tower and projector as unexpected
+    if llava is None:
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        # The LM of a LLaVA folder: its text config and weights under the layout's names. The
+        # vision tower and projector are reported as unexpected (quiet); a missing LM weight
+        # would be left at random init, so that is an error naming it.
+        kwargs.update(config=llava.text_config(), key_mapping=llava.key_mapping or None, output_loading_info=True)
+        with quiet_loading():
+            base, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if info.get("missing_keys"):
+            raise ValueError(f"{path}: {llava.name} LLaVA layout, but the LM weights "
+                             f"{sorted(info['missing_keys'])[:5]} were not found in it")
     # Dropout off in the base: two identical forwards must agree (PPO and exact resume).
     for name in ("attention_dropout", "hidden_dropout", "dropout"):
         if isinstance(getattr(base.config, name, None), float):
