@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +87,9 @@ class FolderLock:
         self._fd: int | None = None
 
     def _holder_record(self) -> dict[str, Any]:
+        # No argv: the file is readable by all, and a command line may carry a URL with a password.
         return {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
-                "argv": sys.argv, "started": datetime.datetime.now(datetime.timezone.utc)
-                .isoformat(timespec="seconds")}
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def acquire(self) -> "FolderLock":
         if self._fd is not None:
