@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -536,6 +537,8 @@ def stage_video_shards(shards: list[Path], folder: str | os.PathLike) -> tuple[P
             suffix = next((s for s in VIDEO_SUFFIXES if isinstance(sample.get(s), bytes)), None)
             if suffix is None:
                 continue  # a metadata-only sample (a failed download's json)
+            if os.path.isabs(key) or posixpath.normpath(key).split("/")[0] == "..":
+                raise IngestError(f"{url}: member {key}.{suffix} would be unpacked outside {videos}; refused")
             if key in seen:
                 raise IngestError(f"{url}: video key {key!r} is also in {seen[key]}")
             seen[key] = str(url)

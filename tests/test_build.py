@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,6 +222,22 @@ def test_videos_from_video2dataset_shards(synth_world, tmp_path, built):
     ann.write_text(json.dumps([{"video_id": key, "q": "What is shown?", "a": "Shapes."} for key in expected]))
     run_build(synth_world, tmp_path / "shards2", built[1], annotations=[str(ann)], videos=str(tmp_path / "v2d" / "00000.tar"))
     assert schema.Manifest.load(tmp_path / "shards2").samples == 4  # one shard given: its four videos
+
+
+def test_video_shard_members_never_unpack_outside(synth_world, tmp_path):
+    video = sorted((synth_world / "videos").iterdir())[0].read_bytes()
+    for i, name in enumerate(["../escaped", "sub/../../escaped", "/tmp/escaped-abs"]):
+        shards = tmp_path / f"v2d{i}"
+        shards.mkdir()
+        with tarfile.open(shards / "00000.tar", "w") as tar:
+            for member, data in [(f"{name}.mp4", video), (f"{name}.txt", b"a caption")]:
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        out = tmp_path / f"shards{i}"
+        with pytest.raises(build.ingest.IngestError, match="would be unpacked outside"):
+            build.build(build.BuildConfig(videos=str(shards), out=str(out), workers=1, cache=str(tmp_path / "cache")))
+    assert not list(tmp_path.rglob("escaped*")) and not Path("/tmp/escaped-abs.mp4").exists()
 
 
 def test_readable_by_webdataset_tar_and_datasets(built):
