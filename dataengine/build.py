@@ -66,7 +66,8 @@ class BuildConfig:
     out: str = "shards/demo"
     """Output folder for the tars, manifest.json and failures.jsonl."""
     encoder: str = models.TINY
-    """CLIP vision encoder: 'tiny' or a local checkpoint folder (e.g. a saved CLIP ViT-L/14)."""
+    """Vision encoder: 'tiny', 'small' (EfficientNet-Lite0 ImageNet feature map) or a local CLIP folder
+    (e.g. a saved CLIP ViT-L/14)."""
     tokenizer: str = models.TINY
     """Tokenizer that measures answer length: 'tiny' or a local folder (use the LMM's own)."""
     frames: int = 50
@@ -190,7 +191,7 @@ def decode_settings(config: BuildConfig, encoder_identity: str, image_size: int)
 
 
 def encode_videos(jobs: list[VideoJob], config: BuildConfig, cache: features.FeatureCache,
-                  encoder: features.ClipEncoder, settings: dict[str, Any], *,
+                  encoder: features.Encoder, settings: dict[str, Any], *,
                   show_progress: bool = True) -> Iterator[tuple[VideoJob, str | None, str]]:
     """Decode and encode each job not in the cache; yields (job, failure reason or None, message).
 
@@ -368,7 +369,7 @@ def build_locked(config: BuildConfig, ranks: dist.Ranks) -> BuildSummary:
     summary.seconds["ingest"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    encoder = features.ClipEncoder(config.encoder, device=str(ranks.device), batch_size=config.batch_size)
+    encoder = features.load_encoder(config.encoder, device=str(ranks.device), batch_size=config.batch_size)
     cache = features.FeatureCache(cache_folder(config))
     settings = decode_settings(config, encoder.identity, encoder.image_size)
     mine = jobs[ranks.rank::ranks.world_size]
