@@ -351,7 +351,11 @@ def stage_videos(config: BuildConfig, ranks: dist.Ranks) -> tuple[Path, list[str
         with naming_path(staged):
             ingest.stage_video_shards(shards, staged)
     ranks.barrier()
-    return staged / "videos", list(config.annotations) or [str(staged / ingest.CAPTIONS_NAME)]
+    captions = staged / ingest.CAPTIONS_NAME
+    if not config.annotations and not captions.read_text(encoding="utf-8").strip():
+        raise ingest.IngestError(f"{config.videos}: no --annotations given, and its shards hold no captions "
+                                 "(KEY.txt, or a 'caption' in KEY.json) to make samples from")
+    return staged / "videos", list(config.annotations) or [str(captions)]
 
 
 def build_locked(config: BuildConfig, ranks: dist.Ranks) -> BuildSummary:

@@ -222,6 +222,14 @@ def test_videos_from_video2dataset_shards(synth_world, tmp_path, built):
     ann.write_text(json.dumps([{"video_id": key, "q": "What is shown?", "a": "Shapes."} for key in expected]))
     run_build(synth_world, tmp_path / "shards2", built[1], annotations=[str(ann)], videos=str(tmp_path / "v2d" / "00000.tar"))
     assert schema.Manifest.load(tmp_path / "shards2").samples == 4  # one shard given: its four videos
+    # shards without captions and no annotations: nothing to make samples from, said in one line
+    bare = tmp_path / "bare.tar"
+    with tarfile.open(tmp_path / "v2d" / "00000.tar") as src, tarfile.open(bare, "w") as dst:
+        for member in src.getmembers():
+            if member.name.endswith(".mp4"):
+                dst.addfile(member, src.extractfile(member))
+    with pytest.raises(build.ingest.IngestError, match="no --annotations given, and its shards hold no captions"):
+        build.build(build.BuildConfig(videos=str(bare), out=str(tmp_path / "shards3"), workers=1, cache=str(built[1])))
 
 
 def test_video_shard_members_never_unpack_outside(synth_world, tmp_path):
