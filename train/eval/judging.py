@@ -16,7 +16,7 @@ def user_message(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-class Judge:
+class LLMJudge:
     """The LLM judge of a run, with its cache; requests are dealt to all ranks."""
 
     def __init__(self, config: JudgedEvalConfig, ranks: "RankInfo"):

@@ -12,7 +12,7 @@ from train import metrics
 from train.eval.answering import EvalItem, base_item
 from train.eval.configs import (CRITERIA, EVENT_QTYPES, GENERATIVE_TASKS, QA_PROMPT, SYNTHETIC_QTYPES, ActionConfig,
                                 EvalConfig, GenerativeConfig, Kind, QAConfig, RetrievalConfig, SyntheticConfig)
-from train.eval.judging import ClipText, Judge, text_similarity, user_message
+from train.eval.judging import ClipText, LLMJudge, text_similarity, user_message
 from train.prompt_files import PROMPTS, load_prompt
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class QATask(Task):
     def __init__(self, config: QAConfig, ranks: "RankInfo", device: Any):
         super().__init__(config, ranks, device)
         self.template = load_prompt(config.prompt or QA_PROMPT, required=("question", "answer", "prediction"))
-        self.judge = Judge(config, ranks)
+        self.judge = LLMJudge(config, ranks)
 
     def score(self, records):
         requests = None if records is None else [
@@ -134,7 +134,7 @@ class GenerativeTask(Task):
         self.templates["consistency"] = load_prompt(
             folder / "eval_generative_consistency.txt",
             required=("question1", "question2", "answer", "prediction1", "prediction2"))
-        self.judge = Judge(config, ranks)
+        self.judge = LLMJudge(config, ranks)
 
     def parse(self, index: int, sample: dict[str, Any]) -> EvalItem:
         item = base_item(index, sample)
