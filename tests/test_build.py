@@ -364,16 +364,21 @@ def test_a_lock_left_by_a_killed_build_is_taken_over(synth_world, tmp_path, buil
     from dataengine import lock
 
     out = tmp_path / "shards"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom dataengine.lock import FolderLock\n"
-                               "FolderLock(sys.argv[1], 'build-shards').acquire()\nprint('held', flush=True)\n"
-                               "time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    holder.kill()  # SIGKILL: nothing is cleaned up
-    holder.wait()
+    killed = subprocess.Popen([sys.executable, "-c", PAUSED_BUILD, str(tmp_path / "never"),
+                               *cli_args(synth_world, out, built[1], "--maxcount", "8")],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "packing").exists():
+        assert killed.poll() is None and time.monotonic() < deadline, "the build never reached pack"
+        time.sleep(0.1)
+    killed.kill()  # SIGKILL while it holds the folder: nothing is cleaned up
+    killed.wait()
+    assert json.loads((out / lock.LOCK_NAME).read_text())["pid"] == killed.pid
     with caplog.at_level(logging.WARNING, logger="dataengine.lock"):
-        summary = run_build(synth_world, out, built[1])
-    assert f"pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
-    assert summary.shards == built[2].shards and not (out / lock.LOCK_NAME).exists()
+        run_build(synth_world, out, built[1])
+    assert f"pid {killed.pid}" in caplog.text and "no longer running" in caplog.text
+    assert not (out / lock.LOCK_NAME).exists()
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == {p.name: p.read_bytes() for p in built[0].glob("*.tar")}
 
 
 def test_ids_that_clean_to_one_key_stay_apart_in_the_tars(synth_world, tmp_path, built):
