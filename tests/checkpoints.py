@@ -19,11 +19,17 @@ it carries a chat template; the embeddings may be tied to the output layer.
 ``real_lm`` (pytest fixture, session scope, parametrised ``tied``/``untied``)
     The folder of ``write_llama(..., template="chatml")``. Import it into a test module
     (``from checkpoints import real_lm``) to use it.
+``vlmr(*args)``
+    Runs ``python -m tools ARGS`` as a user would (one thread, offline), in a subprocess;
+    a non-zero exit fails the test with the command and the tail of its output.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +73,7 @@ LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5)
 VOCAB = 400
 SEED = 4321
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_tokenizer(folder: str | Path, template: str = "chatml") -> Path:
@@ -116,3 +123,13 @@ def real_lm(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real-shaped Llama checkpoint folder (chatml template), tied or untied embeddings."""
     tied = request.param == "tied"
     return write_llama(tmp_path_factory.mktemp(f"real_lm_{request.param}"), "chatml", tied=tied)
+
+
+def vlmr(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m tools ARGS`` in a subprocess (one thread, offline); asserts it exits 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               VLMR_LOG="WARNING")
+    result = subprocess.run([sys.executable, "-m", "tools", *map(str, args)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"vlmr {' '.join(map(str, args))}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result

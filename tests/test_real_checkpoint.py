@@ -12,23 +12,10 @@ few steps and must write their outputs.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from checkpoints import write_llama
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def vlmr(*args: str | Path, timeout: int = 300) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               VLMR_LOG="WARNING")
-    result = subprocess.run([sys.executable, "-m", "tools", *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"vlmr {' '.join(map(str, args))}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+from checkpoints import vlmr, write_llama
 
 
 def manifest_samples(folder: Path) -> int:
