@@ -799,8 +799,8 @@ def _decode_unique(path: str | os.PathLike, frames: int, clips: int, clip_frames
             _blame(path, info.stream, f"the decoder returned no frames ({read.why or 'no error'})",
                    index_budget(path, timeout))
         if attempt == 2:
-            raise DecodeError("corrupt", path, f"decoding is not repeatable: {len(read.frames)} of {len(wanted)} "
-                                               f"frames on a second run over the first {total} frames")
+            _blame(path, info.stream, f"decoding is not repeatable: {len(read.frames)} of {len(wanted)} frames "
+                                      f"on a second run over the first {total} frames", index_budget(path, timeout))
         # The sequential decode ran to the end: exactly ``seen`` frames are decodable.
         log.warning("%s: the index promised %d frames but the decoder delivered %d; resampling over those (%s)",
                     path, info.frames, read.seen, read.why or "no error message")
