@@ -335,6 +335,7 @@ def test_workers_die_with_a_killed_parent(synth_world, tmp_path):
     # A build-like parent decodes through the pool and is killed with -9 mid-run: its workers
     # (and the forkserver and resource tracker) must not outlive it.
     import os
+    import select
     import signal
     import time
     import uuid
@@ -345,7 +346,8 @@ def test_workers_die_with_a_killed_parent(synth_world, tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", _PARENT, *paths], stdout=subprocess.PIPE, env=env,
                               cwd=Path(__file__).resolve().parents[1])
     try:
-        assert parent.stdout.readline().startswith(b"decoded")  # the pool is up and working
+        ready, _, _ = select.select([parent.stdout], [], [], 120)
+        assert ready and parent.stdout.readline().startswith(b"decoded")  # the pool is up and working
         children = [pid for pid in _processes_marked(marker.encode()) if pid != parent.pid]
         assert len(children) >= 2  # two workers at least (plus forkserver, resource tracker)
         parent.send_signal(signal.SIGKILL)
