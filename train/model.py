@@ -1,6 +1,6 @@
 """The video LMM: a causal LM, a projector from CLIP width to LM width, LoRA or QLoRA.
 
-    feat (N, D_clip) float16 ──► projector: Linear(D_clip, H) → ReLU → Linear(H, H) ──┐
+    feat (N, D_clip) float16 ──► projector: Linear(D_clip, H) → ReLU|GELU → Linear(H, H) ─┐
                                                                                       ▼
     "... USER: <video>\\n{q} ASSISTANT:"  → token embeddings, the <video> token replaced by
                                             the N projected rows (``splice``) → causal LM
@@ -8,9 +8,11 @@
 The prompt is rendered with the model's chat template (``settings.template``: vicuna v1, as
 drawn, or the checkpoint's own; :mod:`train.conversation`).
 
-The LM is any ``AutoModelForCausalLM`` folder (``tiny`` or a local path such as a
-LLaVA-1.5/Vicuna checkpoint); it stays frozen under LoRA adapters (peft; default r=32,
-alpha=32 on the attention and MLP projections) while the projector is trained in full. A
+The LM is any ``AutoModelForCausalLM`` folder (``tiny`` or a local path such as a Vicuna
+checkpoint) or a LLaVA-1.5 folder (either layout, :func:`llava_layout`: its language model,
+and its pretrained GELU projector to start from); it stays frozen under LoRA adapters (peft;
+default r=32, alpha=32 on the attention and MLP projections) while the projector is trained
+in full. The ``<video>`` placeholder exists only in the tokenizer (:func:`suppress_token`). A
 random-init base (the tiny demo LM) also needs an adapter on ``lm_head``
 (:func:`default_lora_targets`): its frozen head caps the logits.
 With ``qlora`` the base is loaded 4-bit nf4 through bitsandbytes; on CPU every
@@ -23,11 +25,13 @@ A saved model is a folder::
     vlmr_model.json              base LM spec, feature width, LoRA/QLoRA settings, chat template
     adapter_config.json          peft's adapter config
     adapter_model.safetensors    LoRA weights (peft's key format)
-    projector.safetensors        projector weights
+    projector.safetensors        projector weights (activation in vlmr_model.json)
     tokenizer files              the tokenizer the model was trained with
 
 ``VideoLMM.load(folder)`` rebuilds it (base from its spec, adapter, projector) for training
-or inference; logits after save → load equal the ones before. Nothing here is pickled.
+or inference; logits after save → load equal the ones before, and saving the same model
+twice gives the same bytes. Nothing here is pickled. What this relies on in the libraries
+and checkpoint formats: ``docs/model.md``.
 """
 
 from __future__ import annotations
