@@ -1,7 +1,7 @@
 """The video LMM: a causal LM, a projector from CLIP width to LM width, LoRA or QLoRA.
 
     feat (N, D_clip) float16 ──► projector: Linear(D_clip, H) → ReLU|GELU → Linear(H, H) ─┐
-                                                                                      ▼
+                                                                                          ▼
     "... USER: <video>\\n{q} ASSISTANT:"  → token embeddings, the <video> token replaced by
                                             the N projected rows (``splice``) → causal LM
 
