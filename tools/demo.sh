@@ -65,8 +65,13 @@ echo "== 7. reward model from the preferences (a quarter of the videos held out)
 $VLMR train rm --config $C/rm_small.yaml --shards "$RUN/pairs" --model "$RUN/sft/model" \
   --output "$RUN/rm" --overwrite "${RM[@]}"
 echo "   ... and on the same held-out pairs labelled by the world's ground truth"
+rm -rf "$RUN/truth-pairs" "$RUN/rm/truth_eval.json"
 $PYTHON -m train.demo_summary truth-pairs --pairs "$RUN/rm/split/heldout" --out "$RUN/truth-pairs"
-$VLMR eval rm --model "$RUN/rm/model" --shards "$RUN/truth-pairs" --output "$RUN/rm/truth_eval.json"
+if [ "$($PYTHON -c 'import json, sys; print(json.load(open(sys.argv[1]))["samples"])' "$RUN/truth-pairs/manifest.json")" -gt 0 ]; then
+  $VLMR eval rm --model "$RUN/rm/model" --shards "$RUN/truth-pairs" --output "$RUN/rm/truth_eval.json"
+else
+  echo "   no held-out pair has one answer the ground truth prefers: not measured"
+fi
 
 echo "== 8. PPO against the reward model (QLoRA policy on the 4-bit base)"
 $VLMR train ppo --config $C/ppo_small.yaml --shards "$RUN/shards" --sft "$RUN/sft/model" \
