@@ -460,6 +460,12 @@ def _index_video(path: Path, timeout: float | None) -> tuple[VideoInfo, seekplan
             if not pts:
                 _blame(path, stream.index, f"PyAV cannot read a packet: {exc}", deadline.seconds)
             log.warning("%s: stopped reading packets after %d: %s", path, len(pts), exc)
+        if not first_frame and pts:  # a very short stream: its frame is still in the decoder
+            try:
+                for frame in stream.codec_context.decode(None):
+                    rotation, first_frame = _quarter_turns(frame.rotation or 0), True
+            except av.error.FFmpegError:
+                pass
         index = seekplan.PacketIndex(pts, dts, key, discard)
         rate = stream.average_rate or stream.base_rate
         fps = float(rate) if rate else 0.0

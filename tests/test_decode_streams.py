@@ -69,6 +69,7 @@ STREAMS: dict[str, tuple[str, list[str], bool]] = {
 DERIVED = {  # made from another stream by remuxing: (source stream, ffmpeg arguments around it, exact)
     "rotated_90": ("250_frames", "rotated.mp4", ["-c", "copy", "-metadata:s:v:0", "rotate=90"], True),
     "edit_list_cut": ("250_frames", "cut.mp4", ["-c", "copy"], True),  # -ss 1.3 before -i: a cut mid-GOP
+    "rotated_1_frame": ("1_frame", "rotated_one.mp4", ["-c", "copy", "-metadata:s:v:0", "rotate=270"], True),
 }
 
 
@@ -193,6 +194,18 @@ def test_rotation_upright_as_players_show(streams):
     assert np.array_equal(ours, cli)
     assert np.abs(np.rot90(ours, 2, axes=(1, 2)) - cli).mean() > 50
     assert unrotated.shape == ours.shape and np.abs(unrotated - cli).mean() > 50
+
+
+def test_rotation_of_a_one_frame_video(streams):
+    # Its only frame stays in the decoder until it is flushed; the rotation must still be read.
+    info = probe(streams["rotated_1_frame"])
+    assert (info.frames, info.rotation, info.width, info.height) == (1, 270, 54, 96)
+    assert probe(streams["rotated_1_frame"], backend="ffprobe") == info
+    ours = decode_video(streams["rotated_1_frame"], frames=1, clips=0, size=32).frames
+    vf = "scale=32:32:force_original_aspect_ratio=increase:flags=bicubic,format=rgb24,crop=32:32"
+    cli = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(streams["rotated_1_frame"]), "-vf", vf,
+                          "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"], capture_output=True, check=True).stdout
+    assert np.array_equal(ours, np.frombuffer(cli, np.uint8).reshape(1, 32, 32, 3))  # turned the other way
 
 
 def test_non_square_pixels_are_stretched(streams):
