@@ -480,14 +480,3 @@ def stats_from_loader(state: dict[str, Any]) -> dict[str, Any]:
     for s in _reader_states(state):
         stats.add(ReaderStats.from_dict(s.get("stats", {})))
     return stats.to_dict()
-
-
-def __getattr__(name: str) -> Any:
-    # LengthGuard moved to train/length.py (it is the trainers' rule; the engine never imports
-    # train). Until train/sft.py, train/rm.py and tests/test_conversation.py import it from
-    # there, the old name still resolves; delete this function then.
-    if name == "LengthGuard":
-        from train.length import LengthGuard
-
-        return LengthGuard
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

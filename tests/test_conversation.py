@@ -83,7 +83,7 @@ def test_malformed_conversations_are_refused(bad, tok):
 
 def test_length_guard_counts_what_the_trainer_feeds(tok):
     """The reader's guard, given this template and count, agrees with tokenize + splice."""
-    from dataengine.reader import LengthGuard
+    from train.length import LengthGuard
 
     guard = LengthGuard(tok, 10_000, render=functools.partial(conversation.render, eos=tok.eos_token),
                         count=lambda text: conversation.count_tokens(text, tok))

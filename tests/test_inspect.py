@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataengine import inspection, pack, report, schema
+from dataengine import inspection, pack, report, schema, verify as verification
 from tools import inspect as cli
 
 EASY_TOKENS = [1, 2, 2, 3, 5, 6, 7]
@@ -333,7 +333,7 @@ def test_verify_flipped_byte_in_a_header_resyncs_and_reports_every_problem(copy_
     # headers was still read whole and checked
     assert bad[1]["key"] == "k0001" and "after member k0001.thumb.jpg" in bad[1]["message"]
     assert not [p for p in problems if p["key"] == "k0001" and p["kind"] != "bad_header"]
-    result = inspection.verify(inspection.open_shard_set(folder))
+    result = verification.verify(inspection.open_shard_set(folder))
     assert result.samples == 12
 
 
@@ -445,7 +445,7 @@ def test_scans_hold_one_sample_at_a_time(tmp_path):
     shard_set = inspection.open_shard_set(tmp_path)
     tracemalloc.start()
     try:
-        result = inspection.verify(shard_set)
+        result = verification.verify(shard_set)
         inspection.summarize(shard_set)
         _, peak = tracemalloc.get_traced_memory()
     finally:
