@@ -229,9 +229,10 @@ def run_both(world: Path, prompt_shards: Path, out: Path, ranks=None):
 
 
 if __name__ == "__main__":
-    from train import shardstage
+    from dataengine.dist import Ranks
+    from train import shardpass
 
     world_arg, shards_arg, out_arg = (Path(a) for a in sys.argv[1:4])
-    rank_info = shardstage.RankInfo.from_env()
-    with shardstage.process_group(rank_info):
+    rank_info = Ranks.from_env()
+    with shardpass.process_group(rank_info):
         run_both(world_arg, shards_arg, out_arg, ranks=rank_info)

@@ -23,11 +23,11 @@ from llm_stub_server import Reply, StubChatServer
 
 from dataengine import build
 from dataengine import config as cfg
+from dataengine.dist import Ranks
 from dataengine.reader import ShardReader
 from train import metrics
 from train.eval import answering, configs, judging, run, tasks
 from train.prompt_files import load_prompt
-from train.shardstage import RankInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 6
@@ -349,7 +349,7 @@ def test_generative_five_criteria(bench, tmp_path):
 
 def test_generative_pairs_must_be_pairs_of_one_video(tmp_path):
     config = configs.GenerativeConfig(shards="s", predictions=["p"], judge="http://127.0.0.1:9/v1", judge_model="m")
-    task = tasks.GenerativeTask(config, RankInfo(), "cpu")
+    task = tasks.GenerativeTask(config, Ranks(), "cpu")
     records = [{"key": "a", "video_id": "v1", "question": "q", "prediction": "x", "question_pair": "p1"},
                {"key": "b", "video_id": "v2", "question": "q", "prediction": "x", "question_pair": "p1"},
                {"key": "c", "video_id": "v3", "question": "q", "prediction": "x", "question_pair": "p2"}]
@@ -478,7 +478,7 @@ def test_action_with_a_model_and_a_bad_label(bench, tmp_path):
 def test_prompts_parse_and_commands_have_help(capsys):
     load_prompt(configs.QA_PROMPT, required=("question", "answer", "prediction"))
     config = configs.GenerativeConfig(shards="s", predictions=["p"], judge="tiny")
-    tasks.GenerativeTask(config, RankInfo(), "cpu")  # loads all five prompts
+    tasks.GenerativeTask(config, Ranks(), "cpu")  # loads all five prompts
     for main in run.MAINS.values():
         with pytest.raises(SystemExit) as exit_info:
             main(["--help"])

@@ -25,7 +25,7 @@ from judge_fixtures import ClipSignatureCaptioner, InjectedKill, PositionJudge, 
     run_both, shared_prompt_shards, shared_sft_model
 from train import judge, narrate
 from train.judge import Response
-from train.shardstage import read_set
+from train.shardpass import read_set
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -78,12 +78,12 @@ def test_a_lock_from_another_host_is_left_to_the_user(tmp_path):
 # ---------------------------------------------------------------------------- narrate / judge outputs
 
 class _CopyWork:
-    """The smallest shard-to-shard stage: every sample out as it came in."""
+    """The smallest shard-to-shard pass: every sample out as it came in."""
 
     command = "copy"
 
     def process(self, samples):
-        from train.shardstage import Outcome, output_members
+        from train.shardpass import Outcome, output_members
 
         for sample in samples:
             yield Outcome(key=sample["key"], outcome="kept", sample=output_members(sample))
@@ -106,9 +106,9 @@ def tiny_set(tmp_path):
 
 
 def run_copy(source, out):
-    from train import shardstage
+    from train import shardpass
 
-    return shardstage.run_stage(_CopyWork(), source=str(source), out=out, stages=None, out_stage=None,
+    return shardpass.run_pass(_CopyWork(), source=str(source), out=out, stages=None, out_stage=None,
                                 samples_per_shard=2, settings={}, identity={}, fields=("json", "feat"),
                                 progress=False, prefetch_bytes=0)
 
@@ -128,15 +128,15 @@ def test_narrate_and_judge_outputs_are_locked_too(tiny_set, tmp_path):
     assert not (out / lock.LOCK_NAME).exists()
 
 
-def test_stage_command_prints_one_line_when_locked(tiny_set, tmp_path, capsys):
-    from train import shardstage
+def test_pass_command_prints_one_line_when_locked(tiny_set, tmp_path, capsys):
+    from train import shardpass
 
     out = tmp_path / "out"
     with lock.FolderLock(out, "judge"):
         def run(config, ranks):
             return run_copy(tiny_set, out)
 
-        code = shardstage.stage_main(_StageConfig, run, [], prog="vlmr copy", headline=lambda c: "done")
+        code = shardpass.pass_main(_PassConfig, run, [], prog="vlmr copy", headline=lambda c: "done")
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1
     assert err.startswith(f"vlmr copy: error: {out} is being written by 'judge' (pid {os.getpid()}")
@@ -144,15 +144,15 @@ def test_stage_command_prints_one_line_when_locked(tiny_set, tmp_path, capsys):
 
 
 @dataclass
-class _StageConfig:
-    """A stage with no settings."""
+class _PassConfig:
+    """A pass with no settings."""
 
     seed: int = 0
 
 
 
-def test_stage_command_with_an_unusable_out_is_one_line(tiny_set, tmp_path, capsys):
-    from train import shardstage
+def test_pass_command_with_an_unusable_out_is_one_line(tiny_set, tmp_path, capsys):
+    from train import shardpass
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -161,6 +161,6 @@ def test_stage_command_with_an_unusable_out_is_one_line(tiny_set, tmp_path, caps
     def run(config, ranks):
         return run_copy(tiny_set, out)
 
-    code = shardstage.stage_main(_StageConfig, run, [], prog="vlmr copy", headline=lambda c: "done")
+    code = shardpass.pass_main(_PassConfig, run, [], prog="vlmr copy", headline=lambda c: "done")
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and err.startswith(f"vlmr copy: error: {blocker}"), err

@@ -21,8 +21,8 @@ from dataengine.reader import ShardReader
 from judge_fixtures import one_thread  # noqa: F401  (a fixture)
 from judge_fixtures import CLIPS, ClipSignatureCaptioner, InjectedKill, shared_prompt_shards, shared_sft_model, \
     signature
-from train import narrate, shardstage
-from train.shardstage import read_set
+from train import narrate, shardpass
+from train.shardpass import read_set
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def test_one_caption_per_clip_in_clip_order_and_each_video_once(narrated, prompt
 def test_units_follow_the_readers_plan(prompt_shards):
     reader = ShardReader(prompt_shards, stages=["easy", "hard"], shuffle="none")
     manifest = reader.manifest
-    units = shardstage.plan_units(reader, 5)
+    units = shardpass.plan_units(reader, 5)
     expected = []
     for stage in manifest.stages:
         for shard in stage.shards:
@@ -108,7 +108,7 @@ def test_units_follow_the_readers_plan(prompt_shards):
     assert [u.start for u in units] == list(np.cumsum([0] + [u.count for u in units])[:-1])
     easy = [u for u in units if u.stage == "easy"]
     assert [u.out_name for u in easy] == [f"easy-{i:06d}.tar" for i in range(len(easy))]
-    pairs = shardstage.plan_units(reader, 5, out_stage="pairs")
+    pairs = shardpass.plan_units(reader, 5, out_stage="pairs")
     assert [u.out_name for u in pairs] == [f"pairs-{i:06d}.tar" for i in range(len(units))]
     # every sample in exactly one unit
     assert sum(u.count for u in units) == reader.total
@@ -209,19 +209,19 @@ def test_bad_inputs_and_foreign_outputs_are_clear_errors(prompt_shards, narrated
     assert [x["reason"] for x in lines] == ["no_clips"] * 3 and all(x["key"] and x["video_id"] for x in lines)
     assert schema.Manifest.load(tmp_path / "b").failures == 3
 
-    with pytest.raises(shardstage.StageError, match="is the input set"):
+    with pytest.raises(shardpass.PassError, match="is the input set"):
         narrate.run(config(prompt_shards, prompt_shards), captioner=ClipSignatureCaptioner())
 
     reference, _, _ = narrated
     finished = tmp_path / "finished"
     narrate.run(config(prompt_shards, finished, stages=["hard"]), captioner=ClipSignatureCaptioner())
-    with pytest.raises(shardstage.StageError, match="max_new_tokens"):
+    with pytest.raises(shardpass.PassError, match="max_new_tokens"):
         narrate.run(config(prompt_shards, finished, stages=["hard"], max_new_tokens=7),
                     captioner=ClipSignatureCaptioner())
     summary = narrate.run(config(prompt_shards, finished, stages=["hard"], max_new_tokens=7, overwrite=True),
                           captioner=ClipSignatureCaptioner())
     assert summary.units_resumed == 0 and summary.samples_out == schema.Manifest.load(finished).samples
-    with pytest.raises(shardstage.StageError, match="no narrate run recorded"):
+    with pytest.raises(shardpass.PassError, match="no narrate run recorded"):
         narrate.run(config(prompt_shards, no_clips.parent / "no_clips"), captioner=ClipSignatureCaptioner())
 
 
@@ -271,4 +271,4 @@ def test_prompt_files_and_shipped_config(tmp_path):
         narrate.load_prompt(bad, required=("question",), allowed=("thing",))
     parsed = parse_config(narrate.NarrateConfig, ["--config", str(ROOT / "train/configs/narrate_tiny.yaml")])
     assert parsed.input and parsed.out and parsed.model
-    assert shardstage.in_alias(["--in", "x", "--in=y"]) == ["--input", "x", "--input=y"]
+    assert shardpass.in_alias(["--in", "x", "--in=y"]) == ["--input", "x", "--input=y"]

@@ -4,7 +4,7 @@ Every other end-to-end test runs on the tiny defaults, whose tokenizer leaves ro
 ``<video>`` in the LM's vocabulary and whose special tokens are ``<s>``/``</s>``/``<pad>``.
 Here the LM is a Llama-architecture folder (``tests/checkpoints.py``) whose vocabulary equals
 its tokenizer's size, with its own BOS/EOS/PAD and a chat template, and tied embeddings, trained with that template
-(``--template tokenizer``, saved with the model, so every later stage prompts with it):
+(``--template tokenizer``, saved with the model, so every later step prompts with it):
 build-shards, train sft, narrate, judge, train rm, train ppo and eval synthetic each run a
 few steps and must write their outputs.
 """

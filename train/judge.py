@@ -52,7 +52,7 @@ Outcomes counted in the closing summary (and written to failures.jsonl when drop
 
 **Determinism.** The two responses of a batch are sampled with a seed made from ``--seed``,
 the keys of the batch's samples and the attempt number; batches are cut within one unit of
-work (``train/shardstage.py``), which does not depend on ranks. So 1 or N ranks, and a run
+work (``train/shardpass.py``), which does not depend on ranks. So 1 or N ranks, and a run
 killed and resumed, write the same pairs.
 
 Run::
@@ -81,11 +81,12 @@ import torch
 
 from dataengine import config as cfg
 from dataengine import schema
-from train import shardstage
+from dataengine.dist import Ranks
+from train import shardpass
 from train.prompt_files import PROMPTS, load_prompt
 from train.narrate import VIDEO_TOKEN, clean_text, context_length, load_model, \
     model_fingerprint
-from train.shardstage import Outcome, RankInfo, StageSummary
+from train.shardpass import Outcome, PassSummary
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +417,7 @@ class ModelJudge:
         return out
 
 
-# ---------------------------------------------------------------------------- the stage
+# ---------------------------------------------------------------------------- the pass
 
 @dataclass
 class _Prepared:
@@ -430,7 +431,7 @@ class _Prepared:
 
 
 class JudgeWork:
-    """The judge stage over one rank's units (see :class:`train.shardstage.StageWork`)."""
+    """The judge pass over one rank's units (see :class:`train.shardpass.PassWork`)."""
 
     command = "judge"
 
@@ -495,7 +496,7 @@ class JudgeWork:
         for attempt in range(self.max_resample + 1):
             if not pending:
                 break
-            seed = shardstage.key_seed(self.seed, [p.sample["key"] for p in pending], attempt)
+            seed = shardpass.key_seed(self.seed, [p.sample["key"] for p in pending], attempt)
             pairs = self.sampler.sample([p.sample for p in pending], [p.turns for p in pending], seed)
             retry = []
             for item, pair in zip(pending, pairs):
@@ -575,8 +576,8 @@ class JudgeWork:
                     responses={"chosen_ended": chosen.ended, "rejected_ended": rejected.ended,
                                "attempts": p.attempts})
         out = dict(p.sample, json=data)
-        members = shardstage.output_members(out, drop=() if self.keep_clips else ("clips",))
-        return Outcome(key, shardstage.KEPT if verdict.agree else "kept_soft", sample=members)
+        members = shardpass.output_members(out, drop=() if self.keep_clips else ("clips",))
+        return Outcome(key, shardpass.KEPT if verdict.agree else "kept_soft", sample=members)
 
 
 # ---------------------------------------------------------------------------- run
@@ -588,19 +589,19 @@ def identity(config: JudgeConfig, sampler: ResponseSampler, judge: Judge,
 
 
 def run(config: JudgeConfig, *, sampler: ResponseSampler | None = None, judge: Judge | None = None,
-        ranks: RankInfo | None = None, after_unit=None) -> StageSummary:
+        ranks: Ranks | None = None, after_unit=None) -> PassSummary:
     """Judge ``config.input`` into preference shards ``config.out``; a collective call under several ranks.
 
     ``sampler`` and ``judge`` replace the models (tests plug in ground-truth ones); a model is
     loaded only for a part that is not given.
     """
-    ranks = ranks or RankInfo()
+    ranks = ranks or Ranks()
     rules = load_prompt(config.rules or DEFAULT_RULES).substitute()
     template = load_prompt(config.question_prompt or DEFAULT_QUESTION, required=("question", "answer_a", "answer_b"),
                            allowed=("rules", "context"))
     if config.context != "none" and "context" not in template.get_identifiers():
         raise ValueError(f"--context {config.context}: the judge prompt has no $context placeholder")
-    device = shardstage.pick_device(config.device, ranks)
+    device = shardpass.pick_device(config.device, ranks)
     fingerprints: dict[str, str] = {}
     sft = None
     if sampler is None or (judge is None and not config.judge_model):
@@ -627,7 +628,7 @@ def run(config: JudgeConfig, *, sampler: ResponseSampler | None = None, judge: J
                 "sampler": sampler.name, "judge": judge.name}
     fields = ("json", "feat", "clips") if config.keep_clips else ("json", "feat")
     with torch.inference_mode():
-        return shardstage.run_stage(
+        return shardpass.run_pass(
             work, source=config.input, out=config.out, stages=config.stages or None, out_stage=schema.STAGE_PAIRS,
             samples_per_shard=config.samples_per_shard, settings=settings,
             identity=identity(config, sampler, judge, fingerprints), fields=fields, on_error=config.on_error,
@@ -635,7 +636,7 @@ def run(config: JudgeConfig, *, sampler: ResponseSampler | None = None, judge: J
 
 
 def main(argv: list[str] | None = None, prog: str = "vlmr judge") -> int:
-    return shardstage.stage_main(JudgeConfig, run, argv, prog,
+    return shardpass.pass_main(JudgeConfig, run, argv, prog,
                                  headline=lambda c: f"judged {c.input} -> {c.out} (context {c.context})")
 
 

@@ -1,4 +1,4 @@
-"""One LLM client for every stage that asks a language model for text (QA generation, judging).
+"""One LLM client for every command that asks a language model for text (QA generation, judging).
 
 Two backends behind one protocol, :class:`LLMClient`::
 

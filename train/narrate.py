@@ -23,7 +23,7 @@ once`` in the summary, which also counts videos captioned again after a resume).
 captions of a video do not depend on which rank makes them.
 
 The output is a shard set with the input's layout (same stages, one output shard per unit
-of the input, see ``train/shardstage.py``), resumable after a kill, on any number of ranks.
+of the input, see ``train/shardpass.py``), resumable after a kill, on any number of ranks.
 
 Run::
 
@@ -48,9 +48,10 @@ from typing import Any, Iterator, Literal, Protocol, Sequence
 import torch
 
 from dataengine import config as cfg
-from train import shardstage
+from dataengine.dist import Ranks
+from train import shardpass
 from train.prompt_files import PROMPTS, load_prompt
-from train.shardstage import Outcome, RankInfo, StageSummary
+from train.shardpass import Outcome, PassSummary
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class ModelCaptioner:
         return out
 
 
-# ---------------------------------------------------------------------------- the stage
+# ---------------------------------------------------------------------------- the pass
 
 @dataclass
 class _Captions:
@@ -193,7 +194,7 @@ class _Captions:
 
 
 class NarrateWork:
-    """The narrate stage over one rank's units (see :class:`train.shardstage.StageWork`)."""
+    """The narrate pass over one rank's units (see :class:`train.shardpass.PassWork`)."""
 
     command = "narrate"
 
@@ -278,7 +279,7 @@ class NarrateWork:
             if self.whole_video:
                 narrated["narrative_video"] = captions.video
             out = dict(sample, json=narrated)
-            yield Outcome(sample["key"], shardstage.KEPT, sample=shardstage.output_members(out))
+            yield Outcome(sample["key"], shardpass.KEPT, sample=shardpass.output_members(out))
         while len(self.cache) > self.cache_videos:
             self.cache.popitem(last=False)
 
@@ -313,7 +314,7 @@ def identity(config: NarrateConfig, captioner_name: str, model_fingerprint: str)
 def model_fingerprint(folder: str | os.PathLike) -> str:
     """Identity of a saved VideoLMM: its config, adapter and projector bytes."""
     folder = Path(folder)
-    return shardstage.fingerprint_files(folder / name for name in (
+    return shardpass.fingerprint_files(folder / name for name in (
         "vlmr_model.json", "adapter_config.json", "adapter_model.safetensors", "projector.safetensors"))
 
 
@@ -324,18 +325,18 @@ def load_model(folder: str, device: torch.device, dtype: str = ""):
     return model.to(device).eval()
 
 
-def run(config: NarrateConfig, *, captioner: Captioner | None = None, ranks: RankInfo | None = None,
-        after_unit=None) -> StageSummary:
+def run(config: NarrateConfig, *, captioner: Captioner | None = None, ranks: Ranks | None = None,
+        after_unit=None) -> PassSummary:
     """Narrate ``config.input`` into ``config.out``; a collective call under several ranks.
 
     ``captioner`` replaces the SFT model (tests plug in a deterministic one); the prompt and
     model settings then only go into the manifest.
     """
-    ranks = ranks or RankInfo()
+    ranks = ranks or Ranks()
     prompt = load_prompt(config.prompt or DEFAULT_PROMPT).substitute()
     fingerprint = ""
     if captioner is None:
-        model = load_model(config.model, shardstage.pick_device(config.device, ranks), config.dtype)
+        model = load_model(config.model, shardpass.pick_device(config.device, ranks), config.dtype)
         captioner = ModelCaptioner(model, prompt, max_new_tokens=config.max_new_tokens,
                                    batch_rows=config.batch_rows,
                                    max_length=context_length(model, config.max_length),
@@ -345,7 +346,7 @@ def run(config: NarrateConfig, *, captioner: Captioner | None = None, ranks: Ran
                        cache_videos=config.cache_videos, on_error=config.on_error)
     settings = {**cfg.to_dict(config), "prompt_text": prompt, "captioner": captioner.name}
     with torch.inference_mode():
-        summary = shardstage.run_stage(
+        summary = shardpass.run_pass(
             work, source=config.input, out=config.out, stages=config.stages or None, out_stage=None,
             samples_per_shard=config.samples_per_shard, settings=settings,
             identity=identity(config, captioner.name, fingerprint), fields=None, on_error=config.on_error,
@@ -358,7 +359,7 @@ def run(config: NarrateConfig, *, captioner: Captioner | None = None, ranks: Ran
 
 
 def main(argv: list[str] | None = None, prog: str = "vlmr narrate") -> int:
-    return shardstage.stage_main(NarrateConfig, run, argv, prog,
+    return shardpass.pass_main(NarrateConfig, run, argv, prog,
                                  headline=lambda c: f"narrated {c.input} -> {c.out}")
 
 

@@ -1,6 +1,6 @@
-"""A resumable shard-to-shard stage over ranks: the machinery under ``vlmr narrate`` and ``vlmr judge``.
+"""A resumable shard-to-shard pass over ranks: the machinery under ``vlmr narrate`` and ``vlmr judge``.
 
-A stage reads a shard set, turns each sample into zero or one output sample (``StageWork``),
+A *pass* reads a shard set, turns each sample into zero or one output sample (``PassWork``),
 and writes a new shard set with the same layout (stage tars + ``manifest.json`` naming its
 source in ``derived_from``, plus ``failures.jsonl`` for every sample left out).
 
@@ -38,9 +38,9 @@ temp files of a killed write are deleted, so nothing is lost or duplicated. The 
 that change the output (``identity``: config, input manifest hash, model fingerprint) are
 kept in ``OUT/.progress/plan.json``; a rerun with other settings is refused unless
 ``overwrite`` is set. The progress folder stays after a complete run, so rerunning a
-finished stage only rewrites the same manifest.
+finished pass only rewrites the same manifest.
 
-Outputs are deterministic per unit (a stage must derive any randomness from the unit's
+Outputs are deterministic per unit (a pass must derive any randomness from the unit's
 samples, never from the rank), so 1 and N ranks, and a killed-and-resumed run, give the
 same samples in the same order.
 """
@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 PROGRESS_DIR = ".progress"
 PLAN_NAME = "plan.json"
 SUMMARY_NAME = "summary.json"
-PLAN_FORMAT = "vlmr-shardstage/1"
+PLAN_FORMAT = "vlmr-shardpass/1"
 KEPT = "kept"
 UNREADABLE = "unreadable"
 # Members the reader names by field; written back under their tar suffix.
@@ -84,13 +84,8 @@ _READER_KEYS = ("key", "stage", "shard", "substitute_for")
 
 # ------------------------------------------------------------------------------ ranks
 
-RankInfo = dist.Ranks
-"""This process's place among the ranks (the one :class:`dataengine.dist.Ranks`; the name the
-stages and their tests use)."""
-
-
 @contextlib.contextmanager
-def process_group(ranks: RankInfo):
+def process_group(ranks: dist.Ranks):
     """The group of ``ranks`` over gloo (barriers only: the stages exchange nothing but files),
     with :mod:`dataengine.dist`'s one timeout. Joins an existing group; destroys only one it created."""
     created = dist.init("gloo") if ranks.world_size > 1 else False
@@ -101,7 +96,7 @@ def process_group(ranks: RankInfo):
             dist.close()
 
 
-def pick_device(requested: str, ranks: RankInfo) -> torch.device:
+def pick_device(requested: str, ranks: dist.Ranks) -> torch.device:
     """``auto``: this rank's GPU when there is one, else the CPU (see :func:`dataengine.dist.pick_device`)."""
     return dist.pick_device(requested, ranks.local_rank)
 
@@ -187,8 +182,8 @@ class Outcome:
     """Extra fields for the failures.jsonl line (id, video_id, ...)."""
 
 
-class StageWork(Protocol):
-    """One shard-to-shard stage: input samples in, one :class:`Outcome` per sample out, in order.
+class PassWork(Protocol):
+    """One shard-to-shard pass: input samples in, one :class:`Outcome` per sample out, in order.
 
     ``process`` gets the samples of one unit (reader dicts: ``key``, ``json``, ``feat``, ...)
     and must yield exactly one outcome per sample, in input order. ``unit_extras`` returns
@@ -244,7 +239,7 @@ def key_seed(seed: int, keys: Sequence[str], attempt: int = 0) -> int:
 # ------------------------------------------------------------------------------ the run
 
 @dataclass
-class StageSummary:
+class PassSummary:
     """Counts of one run: this rank's (``units_done``...) and, on rank 0, the whole set's."""
 
     command: str
@@ -278,7 +273,7 @@ class StageSummary:
         return out
 
 
-class StageError(RuntimeError):
+class PassError(RuntimeError):
     """The output folder cannot be used for this run (other settings, another command...)."""
 
 
@@ -307,7 +302,7 @@ def _load_record(out: Path, unit: Unit) -> dict[str, Any] | None:
 
 
 def _clear_outputs(out: Path) -> None:
-    """Remove what a stage writes (never anything else in the folder)."""
+    """Remove what a pass writes (never anything else in the folder)."""
     shutil.rmtree(_progress_dir(out), ignore_errors=True)
     for name in (schema.MANIFEST_NAME, schema.FAILURES_NAME, SUMMARY_NAME):
         (out / name).unlink(missing_ok=True)
@@ -326,7 +321,7 @@ def prepare_output(out: Path, *, command: str, identity: dict[str, Any], units: 
                    source: str) -> None:
     """Rank 0, before any rank writes: check the folder belongs to this run, or start it."""
     if Path(source).resolve() == out.resolve() or Path(source).resolve() == (out / schema.MANIFEST_NAME).resolve():
-        raise StageError(f"--out {out} is the input set; write the output to another folder")
+        raise PassError(f"--out {out} is the input set; write the output to another folder")
     plan_path = _progress_dir(out) / PLAN_NAME
     plan = {"format": PLAN_FORMAT, "command": command, "units": units, "identity": identity}
     if overwrite:
@@ -336,11 +331,11 @@ def prepare_output(out: Path, *, command: str, identity: dict[str, Any], units: 
         if old.get("command") != command or old.get("identity") != identity or old.get("units") != units:
             differ = sorted(k for k in set(identity) | set(old.get("identity", {}))
                             if identity.get(k) != old.get("identity", {}).get(k))
-            raise StageError(f"{out} holds a {old.get('command')} run with other settings "
+            raise PassError(f"{out} holds a {old.get('command')} run with other settings "
                              f"({', '.join(differ) or 'units'} differ); pass --overwrite to replace it, "
                              "or write to another --out")
     elif (out / schema.MANIFEST_NAME).exists() or any(out.glob("*.tar")):
-        raise StageError(f"{out} already holds shards that no {command} run recorded; pass --overwrite "
+        raise PassError(f"{out} already holds shards that no {command} run recorded; pass --overwrite "
                          "to replace them, or write to another --out")
     out.mkdir(parents=True, exist_ok=True)
     _remove_temp_files(out)
@@ -365,7 +360,7 @@ def unit_samples(reader: ShardReader, unit: Unit) -> Iterator[dict[str, Any]]:
         it.close()
 
 
-def run_unit(work: StageWork, reader: ShardReader, unit: Unit, out: Path, ranks: RankInfo,
+def run_unit(work: PassWork, reader: ShardReader, unit: Unit, out: Path, ranks: dist.Ranks,
              bar: tqdm) -> dict[str, Any]:
     """Process one unit into its shard (temp name, then rename), then write its record."""
     started = time.perf_counter()
@@ -412,8 +407,8 @@ def run_unit(work: StageWork, reader: ShardReader, unit: Unit, out: Path, ranks:
     return record
 
 
-def merge(out: Path, units: Sequence[Unit], work: StageWork, *, settings: dict[str, Any],
-          derived_from: str, summary: StageSummary) -> Manifest:
+def merge(out: Path, units: Sequence[Unit], work: PassWork, *, settings: dict[str, Any],
+          derived_from: str, summary: PassSummary) -> Manifest:
     """Rank 0: the unit records, in unit order, into manifest.json (last), failures.jsonl, summary.json."""
     stages: dict[str, StageInfo] = {}
     failures: list[dict[str, Any]] = []
@@ -449,12 +444,12 @@ def merge(out: Path, units: Sequence[Unit], work: StageWork, *, settings: dict[s
     return manifest
 
 
-def run_stage(work: StageWork, *, source: str, out: str | os.PathLike, stages: Sequence[str] | None,
+def run_pass(work: PassWork, *, source: str, out: str | os.PathLike, stages: Sequence[str] | None,
               out_stage: str | None, samples_per_shard: int, settings: dict[str, Any],
               identity: dict[str, Any], fields: Sequence[str] | None, on_error: str = "raise",
-              ranks: RankInfo | None = None, overwrite: bool = False, progress: bool = True,
+              ranks: dist.Ranks | None = None, overwrite: bool = False, progress: bool = True,
               prefetch_bytes: int = 32 << 20,
-              after_unit: Callable[[Unit, dict[str, Any]], None] | None = None) -> StageSummary:
+              after_unit: Callable[[Unit, dict[str, Any]], None] | None = None) -> PassSummary:
     """Run ``work`` over every pending unit of this rank, then (rank 0) merge the manifest.
 
     A collective call: every rank calls it with the same arguments. ``stages`` None reads
@@ -462,7 +457,7 @@ def run_stage(work: StageWork, *, source: str, out: str | os.PathLike, stages: S
     what it is (checked on resume); ``settings`` is saved in the manifest. ``after_unit``
     is called after each unit's record is written (tests use it to stop a run).
     """
-    ranks = ranks or RankInfo()
+    ranks = ranks or dist.Ranks()
     out = Path(out)
     started = time.perf_counter()
     stages = list(stages) if stages else source_stages(source)
@@ -472,7 +467,7 @@ def run_stage(work: StageWork, *, source: str, out: str | os.PathLike, stages: S
     source_hash = hashlib.sha256(json.dumps(reader.manifest.to_dict(), sort_keys=True).encode()).hexdigest()
     identity = {**identity, "source_manifest_sha256": source_hash, "stages": list(stages),
                 "samples_per_shard": samples_per_shard, "out_stage": out_stage}
-    summary = StageSummary(command=work.command, units=len(units))
+    summary = PassSummary(command=work.command, units=len(units))
 
     # Rank 0 holds the output folder's lock until the manifest is written: a second run
     # into the same --out (any command) is refused before it touches anything.
@@ -504,7 +499,7 @@ def run_stage(work: StageWork, *, source: str, out: str | os.PathLike, stages: S
         if ranks.is_main:
             merge(out, units, work, settings={"command": work.command, **settings, "identity": identity},
                   derived_from=reader.manifest_url, summary=summary)
-        ranks.barrier()  # every rank returns with the set complete (a next stage may read it at once)
+        ranks.barrier()  # every rank returns with the set complete (a next pass may read it at once)
     return summary
 
 
@@ -533,17 +528,17 @@ def in_alias(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def stage_main(config_cls: type, run: Callable[..., "StageSummary"], argv: Sequence[str] | None, prog: str,
+def pass_main(config_cls: type, run: Callable[..., "PassSummary"], argv: Sequence[str] | None, prog: str,
                headline: Callable[[Any], str]) -> int:
-    """The command of a shard-to-shard stage: parse, join the process group, run, summarise."""
+    """The command of a shard-to-shard pass: parse, join the process group, run, summarise."""
     from dataengine import config as cfg
 
     config = cfg.parse_config(config_cls, in_alias(sys.argv[1:] if argv is None else argv), prog=prog)
-    ranks = RankInfo.from_env()
+    ranks = dist.Ranks.from_env()
     with process_group(ranks):
         try:
             summary = run(config, ranks=ranks)
-        except (StageError, FolderLocked, ValueError) as exc:  # ShardError is a ValueError
+        except (PassError, FolderLocked, ValueError) as exc:  # ShardError is a ValueError
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return 1
         except OSError as exc:  # a path that cannot be read or written, a full disk: one line

@@ -29,7 +29,7 @@ What each command measures
 phrases, must equal the reference's), event F1 (partial credit on event/order/describe
 answers) and the groundedness rate: of the colours, shapes and directions the answers name,
 the share really in the video. This runs on CPU in seconds and shows whether a training
-stage moved the tiny model the right way.
+step moved the tiny model the right way.
 
 ``qa`` — zero-shot open-ended QA (MSVD-QA, MSRVTT-QA, ActivityNet-QA; paper Table 2): an LLM
 judge (``--judge``: ``tiny``, a local model folder, or an OpenAI-compatible URL with
@@ -85,7 +85,7 @@ prompt) once per rank.
 
 Ranks, outputs, failures
 ------------------------
-Under torchrun (ranks and their gloo process group as in ``train.shardstage``) each rank
+Under torchrun (ranks and their gloo process group as in ``train.shardpass``) each rank
 streams its share of the samples (``dataengine.reader.ShardReader``, no shuffle, with
 ``remainder="repeat"``: the few samples two ranks get are kept once, by stream index) and
 generates; answers are gathered to rank 0 (as JSON, never pickled). Judge

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 from train.eval.configs import MODEL_CONFIG, EvalConfig
 
 if TYPE_CHECKING:
+    from dataengine.dist import Ranks
     from train.eval.tasks import Task
-    from train.shardstage import RankInfo
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def _reason_name(reason: str) -> str:
     return reason.split(" ", 1)[0]
 
 
-def collect_answers(task: "Task", candidate: Candidate, config: EvalConfig, ranks: "RankInfo",
+def collect_answers(task: "Task", candidate: Candidate, config: EvalConfig, ranks: "Ranks",
                     device: Any) -> dict[str, Any] | None:
     """Stream this rank's samples, answer them, gather everything to rank 0.
 
@@ -301,7 +301,7 @@ def collect_answers(task: "Task", candidate: Candidate, config: EvalConfig, rank
         bar.close()
         answerer.close()
     stats = reader.stats()
-    # JSON between ranks (never pickled); the ranks' group is train.shardstage's.
+    # JSON between ranks (never pickled); the ranks' group is train.shardpass's.
     parts = dist.all_gather_json({"records": records, "skipped": skipped,
                                    "reader": {"skipped": stats["skipped"], "errors": stats["errors"][:5]},
                                    "seconds": time.perf_counter() - started})

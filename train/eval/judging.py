@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from train.eval.configs import JudgedEvalConfig
 
 if TYPE_CHECKING:
-    from train.shardstage import RankInfo
+    from dataengine.dist import Ranks
 
 # =========================================================================== judging
 
@@ -19,7 +19,7 @@ def user_message(text: str) -> list[dict[str, str]]:
 class LLMJudge:
     """The LLM judge of a run, with its cache; requests are dealt to all ranks."""
 
-    def __init__(self, config: JudgedEvalConfig, ranks: "RankInfo"):
+    def __init__(self, config: JudgedEvalConfig, ranks: "Ranks"):
         from dataengine.models import cache_root
         from train.llm_client import make_client
 

@@ -66,9 +66,10 @@ TASKS: dict[str, type[Task]] = {"synthetic": SyntheticTask, "qa": QATask, "gener
 
 def evaluate(config: EvalConfig) -> dict[str, Any] | None:
     """Run one evaluation over every candidate; returns the summary on rank 0 (None elsewhere)."""
-    from train.shardstage import RankInfo, pick_device, process_group, source_stages
+    from dataengine.dist import Ranks
+    from train.shardpass import pick_device, process_group, source_stages
 
-    ranks = RankInfo.from_env()
+    ranks = Ranks.from_env()
     with process_group(ranks):
         if not config.stages:
             config = dataclasses.replace(config, stages=source_stages(config.shards))

@@ -16,7 +16,7 @@ from train.eval.judging import ClipText, LLMJudge, text_similarity, user_message
 from train.prompt_files import PROMPTS, load_prompt
 
 if TYPE_CHECKING:
-    from train.shardstage import RankInfo
+    from dataengine.dist import Ranks
 
 # =========================================================================== tasks
 
@@ -29,7 +29,7 @@ class Task:
 
     name = ""
 
-    def __init__(self, config: EvalConfig, ranks: "RankInfo", device: Any):
+    def __init__(self, config: EvalConfig, ranks: "Ranks", device: Any):
         self.config, self.ranks, self.device = config, ranks, device
 
     def parse(self, index: int, sample: dict[str, Any]) -> EvalItem:
@@ -42,7 +42,7 @@ class Task:
 class SyntheticTask(Task):
     name = "synthetic"
 
-    def __init__(self, config: SyntheticConfig, ranks: "RankInfo", device: Any):
+    def __init__(self, config: SyntheticConfig, ranks: "Ranks", device: Any):
         from dataengine.synth import load_captions
 
         super().__init__(config, ranks, device)
@@ -93,7 +93,7 @@ class SyntheticTask(Task):
 class QATask(Task):
     name = "qa"
 
-    def __init__(self, config: QAConfig, ranks: "RankInfo", device: Any):
+    def __init__(self, config: QAConfig, ranks: "Ranks", device: Any):
         super().__init__(config, ranks, device)
         self.template = load_prompt(config.prompt or QA_PROMPT, required=("question", "answer", "prediction"))
         self.judge = LLMJudge(config, ranks)
@@ -125,7 +125,7 @@ class QATask(Task):
 class GenerativeTask(Task):
     name = "generative"
 
-    def __init__(self, config: GenerativeConfig, ranks: "RankInfo", device: Any):
+    def __init__(self, config: GenerativeConfig, ranks: "Ranks", device: Any):
         super().__init__(config, ranks, device)
         folder = Path(config.prompt_dir) if config.prompt_dir else PROMPTS
         single = ("question", "answer", "prediction")
@@ -234,7 +234,7 @@ class GenerativeTask(Task):
 class RetrievalTask(Task):
     name = "retrieval"
 
-    def __init__(self, config: RetrievalConfig, ranks: "RankInfo", device: Any):
+    def __init__(self, config: RetrievalConfig, ranks: "Ranks", device: Any):
         super().__init__(config, ranks, device)
         self.clip = ClipText(config.clip, device)
 
@@ -298,7 +298,7 @@ def class_words(name: str) -> str:
 class ActionTask(Task):
     name = "action"
 
-    def __init__(self, config: ActionConfig, ranks: "RankInfo", device: Any):
+    def __init__(self, config: ActionConfig, ranks: "Ranks", device: Any):
         super().__init__(config, ranks, device)
         self.classes = load_classes(config.classes)
         self.lookup: dict[str, int] = {}
