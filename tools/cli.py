@@ -1,4 +1,4 @@
-"""The ``vlmr`` command: one entry point, thin dispatch to each stage's ``main(argv)``.
+"""The ``vlmr`` command: one entry point, thin dispatch to each command's ``main(argv)``.
 
 Each subcommand owns its typed config and ``--help``; this file only maps names to modules,
 imported lazily so that ``vlmr inspect`` does not pay for importing DeepSpeed.
@@ -57,7 +57,12 @@ def _dispatch(target: tuple[str, str, str], prog: str, argv: list[str]) -> int:
             print(f"vlmr: '{prog}' is not available in this version", file=sys.stderr)
             return 2
         raise
-    return getattr(module, func_name)(argv, prog=f"vlmr {prog}") or 0
+    try:
+        return getattr(module, func_name)(argv, prog=f"vlmr {prog}") or 0
+    except OSError as exc:  # a path that cannot be read or written, a full disk: one line, not a traceback
+        where = f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc)
+        print(f"vlmr {prog}: error: {where}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
