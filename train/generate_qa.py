@@ -64,7 +64,7 @@ from dataengine import config as cfg
 from dataengine.models import cache_root
 from dataengine.schema import write_text_atomic
 from train import prompt_files
-from train.llm_client import LLMClient, LLMError, Message, is_url, make_client, ordered_map
+from train.llm_client import EndpointSettings, LLMClient, LLMError, Message, is_url, make_client, ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ BACKGROUND = "background"
 
 
 @dataclass
-class GenerateQAConfig:
+class GenerateQAConfig(EndpointSettings):
     """Write object-centric QA pairs from Video Localized Narratives with an LLM."""
 
     narratives: str = ""
@@ -85,8 +85,6 @@ class GenerateQAConfig:
     """Output Video-ChatGPT JSON; OUT.rejects.jsonl and OUT.summary.json are written beside it."""
     model: str = ""
     """Model name sent to a URL endpoint (required with a URL; a local model is named by its path)."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the endpoint's API key; read per request, never written anywhere."""
     prompt: str = ""
     """Prompt template file (default: train/prompts/object_qa.txt; must use $actors)."""
     cache: str = ""
@@ -103,14 +101,6 @@ class GenerateQAConfig:
     """Times a video is asked again when its reply is not a list of question-answer pairs."""
     retry_temperature: float = 0.7
     """Lowest temperature of those retries (at temperature 0 a retry would repeat the reply)."""
-    max_retries: int = 4
-    """HTTP: retries of a request after a timeout, 429 or 5xx (exponential backoff)."""
-    timeout: float = 60.0
-    """HTTP: seconds to wait for a reply before the attempt counts as failed."""
-    backoff: float = 1.0
-    """HTTP: first backoff in seconds, doubled each retry (a Retry-After header wins)."""
-    concurrency: int = 4
-    """HTTP: requests in flight at once (a local model runs one at a time)."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where a local model runs."""
     limit: int = 0
@@ -130,11 +120,8 @@ class GenerateQAConfig:
                   f"--retry-temperature must be >= 0, got {self.retry_temperature}")
         cfg.check(problems, self.max_tokens >= 1, f"--max-tokens must be >= 1, got {self.max_tokens}")
         cfg.check(problems, self.parse_retries >= 0, f"--parse-retries must be >= 0, got {self.parse_retries}")
-        cfg.check(problems, self.max_retries >= 0, f"--max-retries must be >= 0, got {self.max_retries}")
-        cfg.check(problems, self.timeout > 0, f"--timeout must be > 0, got {self.timeout}")
-        cfg.check(problems, self.backoff >= 0, f"--backoff must be >= 0, got {self.backoff}")
-        cfg.check(problems, self.concurrency >= 1, f"--concurrency must be >= 1, got {self.concurrency}")
         cfg.check(problems, self.limit >= 0, f"--limit must be >= 0, got {self.limit}")
+        problems += self.endpoint_problems()
         cfg.raise_problems(problems, "generate-qa settings")
 
     @property
@@ -484,9 +471,7 @@ def generate(config: GenerateQAConfig, client: LLMClient | None = None, progress
                                        config.limit or None))
     if client is None:
         client = make_client(config.llm, model=config.model, cache_dir=config.cache_dir,
-                             api_key_env=config.api_key_env, timeout=config.timeout,
-                             max_retries=config.max_retries, backoff=config.backoff,
-                             concurrency=config.concurrency, device=config.device)
+                             device=config.device, **config.client_kwargs())
     summary = QASummary(records_skipped=stats.skipped, actors_without_description=stats.actors_without_description)
     rows: list[dict[str, str]] = []
     rejects: list[dict[str, Any]] = []

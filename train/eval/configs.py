@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from dataengine import config as cfg
+from train.llm_client import EndpointSettings, is_url
 from train.prompt_files import PROMPTS
 
 FORMAT = "vlmr-eval/1"
@@ -84,9 +85,10 @@ class EvalConfig:
         cfg.raise_problems(self.problems(), f"eval {self.task} settings")
 
 
-@dataclass
-class JudgedEvalConfig(EvalConfig):
-    """Settings of the evaluations an LLM judges."""
+@dataclass  # (bases in this order so that --help lists EvalConfig's fields first)
+class JudgedEvalConfig(EndpointSettings, EvalConfig):
+    """Settings of the evaluations an LLM judges. The endpoint settings (:class:`EndpointSettings`)
+    are generate-qa's too; here ``--concurrency`` counts judge requests per rank."""
 
     judge: str = ""
     """The judge: 'tiny', a local causal-LM folder, or an OpenAI-compatible base URL (http://host:port/v1)."""
@@ -94,30 +96,17 @@ class JudgedEvalConfig(EvalConfig):
     """Model name sent to a URL judge (required with a URL)."""
     judge_cache: str = ""
     """Judge reply cache (default: $VLMR_CACHE/llm); a re-run sends no request already answered."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the endpoint's API key; read per request, never written anywhere."""
     judge_max_tokens: int = 128
     """Most tokens per judge reply."""
-    timeout: float = 60.0
-    """HTTP: seconds to wait for a reply before the attempt counts as failed."""
-    max_retries: int = 4
-    """HTTP: retries after a timeout, 429 or 5xx (exponential backoff)."""
-    backoff: float = 1.0
-    """HTTP: first backoff in seconds, doubled each retry (a Retry-After header wins)."""
-    concurrency: int = 4
-    """HTTP: judge requests in flight at once per rank (a local judge runs one at a time)."""
     judge_device: Literal["cpu", "cuda"] = "cpu"
     """Where a local judge runs."""
 
     def problems(self) -> list[str]:
-        from train.llm_client import is_url
-
         p = super().problems()
         cfg.check(p, bool(self.judge), "--judge: 'tiny', a local model folder or an http(s) URL is required")
         cfg.check(p, not is_url(self.judge) or bool(self.judge_model), "--judge-model: required with a URL judge")
         cfg.check(p, self.judge_max_tokens >= 1, "--judge-max-tokens must be >= 1")
-        cfg.check(p, self.timeout > 0 and self.max_retries >= 0 and self.concurrency >= 1,
-                  "need --timeout > 0, --max-retries >= 0, --concurrency >= 1")
+        p += self.endpoint_problems()
         return p
 
 

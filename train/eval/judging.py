@@ -27,9 +27,7 @@ class LLMJudge:
         self.ranks = ranks
         cache = config.judge_cache or str(cache_root() / "llm")
         self.client = make_client(config.judge, model=config.judge_model, cache_dir=cache,
-                                  api_key_env=config.api_key_env, timeout=config.timeout,
-                                  max_retries=config.max_retries, backoff=config.backoff,
-                                  concurrency=config.concurrency, device=config.judge_device)
+                                  device=config.judge_device, **config.client_kwargs())
 
     def ask(self, requests: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """Replies to rank 0's ``requests`` (``{"messages", "label"}``), in order, on every rank:
