@@ -86,7 +86,7 @@ _READER_KEYS = ("key", "stage", "shard", "substitute_for")
 
 @contextlib.contextmanager
 def process_group(ranks: dist.Ranks):
-    """The group of ``ranks`` over gloo (barriers only: the stages exchange nothing but files),
+    """The group of ``ranks`` over gloo (barriers only: the passes exchange nothing but files),
     with :mod:`dataengine.dist`'s one timeout. Joins an existing group; destroys only one it created."""
     created = dist.init("gloo") if ranks.world_size > 1 else False
     try:
