@@ -477,13 +477,3 @@ def shard_rows(shard_set: ShardSet, stage: str | None = None) -> list[dict[str, 
                          "min_answer_tokens": s.min_answer_tokens, "max_answer_tokens": s.max_answer_tokens,
                          "first_key": s.first_key, "last_key": s.last_key, "sha256": s.sha256})
     return rows
-
-
-def __getattr__(name: str) -> Any:
-    # Verification moved to dataengine.verify; these names stay importable from here for
-    # callers written before the move (tests/test_narrate.py, tests/test_judge.py).
-    if name in ("verify", "Problem", "VerifyResult"):
-        from dataengine import verify as verify_module
-
-        return getattr(verify_module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

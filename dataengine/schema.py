@@ -107,7 +107,7 @@ class Manifest:
     failures: int = 0
     stages: list[StageInfo] = field(default_factory=list)
     derived_from: str | None = None
-    """For shard-to-shard stages (narrate, judge): the source manifest."""
+    """For shard-to-shard passes (narrate, judge): the source manifest."""
 
     def stage(self, name: str) -> StageInfo:
         for stage in self.stages:
