@@ -131,4 +131,6 @@ def test_every_stage_runs_on_small(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) == {"models", "judge", "rm", "seconds"}
     assert set(summary["models"]) == {"sft", "ppo"}
-    assert 0 <= summary["judge"]["ab_mass"] <= 1  # the real LM puts some mass on the letters
+    # A pretrained instruction-tuned LM answers the judge's question with a letter far more
+    # often than the random-init tiny LM (0.0014 measured on tiny, 0.42 on small after 2 steps).
+    assert summary["judge"]["pairs"] > 0 and summary["judge"]["ab_mass"] > 0.02
