@@ -22,6 +22,7 @@ rises while KL stays bounded; resume equals an uninterrupted run; two ranks unde
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -424,26 +425,35 @@ def test_shipped_config_parses():
 
 @pytest.fixture(scope="module")
 def world_models(synth_world, tmp_path_factory):
+    return build_world_models(synth_world, tmp_path_factory.mktemp("ppo_world"))
+
+
+def build_world_models(world: Path, root: Path, seed: int = 0) -> SimpleNamespace:
     """Prompt shards from the synthetic world; a policy after a few SFT steps on the easy stage;
-    a reward model trained with the Bradley–Terry loss on ground-truth preferences."""
+    a reward model with a strong, simple preference: responses that contain one token.
+
+    The token (``favourite``) is one the SFT policy already samples in some of its answers,
+    so PPO can find it and say it more. An RM trained on true-vs-wrong answers gave a signal
+    too weak for a learning test: its reward went from -1.2055 to -1.2060 on one CPU and rose
+    on another (issue 14.3)."""
     from dataengine import build
     from dataengine.reader import ShardReader
     from train.model import LORA_TARGETS, ModelSettings, VideoLMM, collate, pad_sequences
     from train.reward import RewardModel, RewardStats, bradley_terry_loss, encode_response
 
-    root = tmp_path_factory.mktemp("ppo_world")
     shards = root / "shards"
-    build.build(build.BuildConfig(annotations=[str(synth_world / "annotations.json")],
-                                  videos=str(synth_world / "videos"), out=str(shards), frames=4, clips=0,
+    build.build(build.BuildConfig(annotations=[str(world / "annotations.json")],
+                                  videos=str(world / "videos"), out=str(shards), frames=4, clips=0,
                                   maxcount=16, workers=1, cache=str(root / "cache")))
     samples = list(ShardReader(shards, stages=["easy", "hard"], shuffle="none", fields=("json", "feat")))
     easy = [s for s in samples if s["json"]["stage"] == "easy"]
-    rng = random.Random(0)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
 
     # The LM head is among the LoRA targets: the tiny LM's head is random with small weights,
     # and without an adapter on it no policy can give any token more than a few percent.
     sft = VideoLMM.build(ModelSettings(feat_dim=int(samples[0]["feat"].shape[-1]),
-                                       lora_targets=list(LORA_TARGETS) + ["lm_head"]), seed=0)
+                                       lora_targets=list(LORA_TARGETS) + ["lm_head"]), seed=seed)
     optimizer = torch.optim.AdamW([p for p in sft.parameters() if p.requires_grad], lr=5e-3)
     for _ in range(30):
         batch = collate(rng.sample(easy, 8), sft.tokenizer)
@@ -453,38 +463,52 @@ def world_models(synth_world, tmp_path_factory):
         optimizer.step()
     sft.save(root / "sft")
 
-    rm = RewardModel.from_sft(root / "sft", seed=0)
-    optimizer = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=3e-3)
+    # What the policy says now: the favourite is a token in about a fifth of its answers.
+    prompts = [s["json"]["conversations"][0]["value"] for s in samples]
+    said = sft.generate(torch.stack([s["feat"] for s in samples]), prompts, max_new_tokens=12, temperature=1.0,
+                        do_sample=True, seed=seed).token_ids
+    special = set(sft.tokenizer.all_special_ids)
+    share = collections.Counter(t for answer in said for t in set(answer) if t not in special)
+    favourite = min(share, key=lambda t: (abs(share[t] / len(said) - 0.2), t))
 
-    vocab = [i for i in range(len(rm.tokenizer)) if i not in rm.tokenizer.all_special_ids]
+    rm = RewardModel.from_sft(root / "sft", seed=seed)
+    optimizer = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=5e-3)
 
     def pair(sample):
-        # Ground truth: the true answer beats another video's answer, and beats babble (random
-        # tokens, what a barely trained policy says).
+        # The same answer with and without the favourite token (in a random place before the
+        # end: tokens after an EOS are not scored).
+        base = [t for t in rng.choice(said) if t != favourite and t not in special] or [favourite + 1]
+        plus = list(base)
+        plus.insert(rng.randrange(len(plus) + 1), favourite)
         prompt = sample["json"]["conversations"][0]["value"]
-        if rng.random() < 0.5:
-            other = rng.choice([o for o in samples if o["json"]["video_id"] != sample["json"]["video_id"]])
-            worse = encode_response(prompt, other["json"]["conversations"][1]["value"], rm.tokenizer)
-        else:
-            worse = encode_response(prompt, rng.sample(vocab, rng.randint(2, 12)), rm.tokenizer)
-        return encode_response(prompt, sample["json"]["conversations"][1]["value"], rm.tokenizer), worse
+        return encode_response(prompt, plus, rm.tokenizer), encode_response(prompt, base, rm.tokenizer)
 
     def scores(chunk, pairs):
         ids, mask = pad_sequences([c for c, _ in pairs] + [r for _, r in pairs], rm.lmm.pad_token_id)
         return rm(ids, torch.stack([s["feat"] for s in chunk] * 2), mask)
 
-    for _ in range(20):
+    def held_accuracy():
+        with torch.no_grad():
+            r = torch.stack([scores(samples[i:i + 8], [pair(s) for s in samples[i:i + 8]]) for i in range(0, 48, 8)])
+        return float((r[:, :8] > r[:, 8:]).float().mean()), r
+
+    # The preference is learnt suddenly, after a plateau whose length depends on the seed and
+    # the CPU's kernels (measured: 40 to 120+ steps): train until it is, checked every 40 steps.
+    for step in range(1, 401):
         chunk = rng.sample(samples, 8)
         r = scores(chunk, [pair(s) for s in chunk])
         loss = bradley_terry_loss(r[:8], r[8:])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    with torch.no_grad():
-        r = torch.cat([scores(samples[i:i + 8], [pair(s) for s in samples[i:i + 8]]) for i in range(0, 48, 8)])
+        if step % 40 == 0 and held_accuracy()[0] >= 0.95:
+            break
+    accuracy, r = held_accuracy()
+    r = r.flatten()
     rm.stats = RewardStats.from_sums(len(r), float(r.sum()), float((r ** 2).sum()), source="test fixture")
     rm.save(root / "rm")
-    return SimpleNamespace(root=root, shards=shards, sft=root / "sft", rm=root / "rm")
+    return SimpleNamespace(root=root, shards=shards, sft=root / "sft", rm=root / "rm", favourite=favourite,
+                           share=share[favourite] / len(said), rm_accuracy=accuracy)
 
 
 def ppo_argv(world, output, *extra):
@@ -502,18 +526,23 @@ LEARNING_METRICS = ("reward_raw", "reward", "kl", "kl_coef", "entropy", "pg_loss
 
 @pytest.mark.slow
 def test_end_to_end_reward_rises_with_bounded_kl(world_models, tmp_path):
+    """The recipe learns what its reward model wants, by a wide margin: the fixture's RM prefers
+    answers holding one token the SFT policy says in about a fifth of its answers; normalised
+    the mean normalised reward of the last third of 12 steps beat the first third's by 0.66-1.5
+    where measured (0.3 asserted), with KL a few nats. (Checked with
+    other seeds, ATEN_CPU_CAPABILITY=default/avx2 and 1 or 2 threads: see the trainers' notes.)"""
     from train.model import VideoLMM
 
     out = tmp_path / "run"
-    # This fixture's reward model carries a real signal; the demo config's lower LR is tuned for
-    # the demo's near-noise reward model, so the test sets the LR it measures with.
-    assert ppo.main(ppo_argv(world_models, out, "--lr", "5e-3")) == 0
+    assert world_models.rm_accuracy > 0.9  # the preference is learnt before PPO starts
+    # The demo config's LR is tuned for the demo's near-noise reward model; this RM has a signal.
+    assert ppo.main(ppo_argv(world_models, out, "--lr", "2e-3")) == 0
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1)) and len(metrics) >= 8
     rewards = [m["reward"] for m in metrics]
     third = len(metrics) // 3
     early, late = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
-    assert late > early + 0.25, rewards
+    assert late > early + 0.3, rewards
     assert all(abs(m["kl"]) < 10 for m in metrics), [m["kl"] for m in metrics]
     for m in metrics:
         assert all(k in m for k in LEARNING_METRICS + ("time_generate", "time_score", "time_train"))
