@@ -143,6 +143,8 @@ def test_a_position_biased_judge_is_dropped_not_learned(narrated, captions, tmp_
     assert summary.outcomes == {"dropped_disagreement": hard} and summary.samples_out == 0
     lines = [json.loads(x) for x in (tmp_path / "drop" / "failures.jsonl").read_text().splitlines()]
     assert len(lines) == hard and {x["reason"] for x in lines} == {"dropped_disagreement"}
+    # a dropped pair keeps what the judge said, so agreement and mass can be measured over all pairs
+    assert all(x["p_a_first"] == x["p_a_swapped"] == pytest.approx(0.9) for x in lines)
     assert schema.Manifest.load(tmp_path / "drop").failures == hard
 
     summary = judge.run(config(narrated, tmp_path / "soft", stages=["hard"], disagreement="soft"),

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "narrate": ("train.narrate", "main", "caption each clip with the SFT model -> shards with narratives"),
     "judge": ("train.judge", "main", "sample two answers, judge them with context -> preference shards"),
     "generate-qa": ("train.generate_qa", "main", "object-centric QA from Video Localized Narratives by an LLM"),
-    "models": ("dataengine.models_cli", "main", "build the tiny offline models and print where they are"),
+    "models": ("dataengine.models_cli", "main", "build a preset's models (tiny, small) into the model cache and print where they are"),
 }
 GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
     "train": {

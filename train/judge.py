@@ -553,8 +553,16 @@ class JudgeWork:
         if p_first is None or p_swapped is None:
             return Outcome(key, "too_long", info=info, message="the judge's prompt exceeds max_length")
         verdict = decide(p_first, p_swapped)
+        if mass_first is not None and mass_swapped is not None:
+            # Counted over every judged pair, dropped ones included: the mass says whether the
+            # judge answers with a letter at all, whatever it then prefers.
+            self._stats["ab_mass_sum"] += mass_first + mass_swapped
+            self._stats["ab_mass_n"] += 2
         if not verdict.agree and self.disagreement == "drop":
-            return Outcome(key, "dropped_disagreement", info=info,
+            dropped = {**info, "p_a_first": p_first, "p_a_swapped": p_swapped}
+            if mass_first is not None and mass_swapped is not None:
+                dropped["ab_mass"] = [mass_first, mass_swapped]
+            return Outcome(key, "dropped_disagreement", info=dropped,
                            message=f"p_a_first {p_first:.3f}, p_a_swapped {p_swapped:.3f}")
         r1, r2 = p.responses
         chosen, rejected = (r1, r2) if verdict.first_is_better else (r2, r1)
@@ -564,8 +572,6 @@ class JudgeWork:
             "sampler": self.sampler.name}
         if mass_first is not None and mass_swapped is not None:
             judge_info["ab_mass"] = [mass_first, mass_swapped]
-            self._stats["ab_mass_sum"] += mass_first + mass_swapped
-            self._stats["ab_mass_n"] += 2
         if not verdict.agree:
             judge_info["soft_label"] = verdict.p_chosen
         src = p.sample["json"]

@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from dataengine.models import load_tokenizer, quiet_loading, resolve_lm
+from dataengine.models import is_preset, load_tokenizer, quiet_loading, resolve_lm
 from dataengine.schema import write_text_atomic
 from train import conversation
 from train.conversation import IGNORE_INDEX
@@ -119,7 +119,7 @@ def _load_base(settings: ModelSettings):
     from transformers import AutoModelForCausalLM
 
     path = str(resolve_lm(settings.lm))
-    llava = llava_layout(path) if settings.lm != "tiny" else None
+    llava = None if is_preset(settings.lm) else llava_layout(path)
     dtype = DTYPES[settings.dtype]
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
     if settings.qlora:
@@ -231,12 +231,13 @@ class VideoLMM(nn.Module):
         """Base LM from ``settings.lm`` with fresh LoRA adapters and projector (seeded)."""
         from peft import get_peft_model
 
-        if str(settings.lm) != "tiny":
-            # Recorded in vlmr_model.json: absolute, so the saved model loads from any folder.
+        if not is_preset(settings.lm):
+            # Recorded in vlmr_model.json: absolute, so the saved model loads from any folder
+            # (a preset stays a name: it resolves into each machine's own model cache).
             settings.lm = str(Path(settings.lm).expanduser().resolve())
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_lm(settings.lm))
-        llava = llava_layout(settings.lm) if str(settings.lm) != "tiny" else None
+        llava = None if is_preset(settings.lm) else llava_layout(settings.lm)
         if llava is not None:
             settings.projector_act = llava.activation
         base = _load_base(settings)
