@@ -87,10 +87,6 @@ def setup_distributed() -> dist.Ranks:
                       dist.pick_device("auto", local_rank))
 
 
-# Kept for train/evaluate.py until it calls dataengine.dist.broadcast_json itself (one function, not a copy).
-broadcast_object = dist.broadcast_json
-
-
 # ------------------------------------------------------------------------------ engine
 
 def deepspeed_config(*, micro_batch: int, grad_accum: int, zero_stage: int, precision: str,
