@@ -19,6 +19,7 @@ plain ``VideoLMM`` folder: the SFT and PPO LoRAs concatenated into one (:func:`c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from train import rl
-from train.model import _seeded
+from train.model import ModelSettings, _seeded
 
 if TYPE_CHECKING:
     from train.ppo import PPOConfig
@@ -39,22 +40,11 @@ log = logging.getLogger(__name__)
 SFT_ADAPTER, POLICY_ADAPTER, REWARD_ADAPTER, VALUE_ADAPTER = "default", "policy", "reward", "value"
 
 
-def _saved_settings(folder: str | os.PathLike) -> dict[str, Any]:
-    from train.model import MODEL_CONFIG
-
-    path = Path(folder) / MODEL_CONFIG
-    if not path.exists():
-        raise FileNotFoundError(f"{folder}: no {MODEL_CONFIG} (not a saved model folder)")
-    return json.loads(path.read_text())["settings"]
-
-
 def _reward_parts(folder: str | os.PathLike, hidden: int, dtype: torch.dtype):
     """The RM's projector, head, saved config and statistics, for the RM's adapter loaded onto
     a base PPO already holds (``RewardModel.load`` would load a second copy of the base).
     Read by the same functions ``RewardModel.load`` uses."""
-    from safetensors.torch import load_file
-
-    from train.model import PROJECTOR_FILE, make_projector
+    from train.model import load_projector
     from train.reward import RewardStats, load_head, read_reward_config
 
     data = read_reward_config(folder)
@@ -62,9 +52,8 @@ def _reward_parts(folder: str | os.PathLike, hidden: int, dtype: torch.dtype):
     if stats.count <= 0:
         raise ValueError(f"{folder}: the reward model has no reward statistics to normalise with "
                          "(a mid-run checkpoint?): use the final model folder written by `vlmr train rm`")
-    # TODO(model.py): a load_projector(folder, hidden) shared with VideoLMM.load would make these two lines one.
-    projector = make_projector(int(_saved_settings(folder)["feat_dim"]), hidden)
-    projector.load_state_dict(load_file(str(Path(folder) / PROJECTOR_FILE)))
+    # Shaped by the saved settings (its activation included: GELU for a model started from LLaVA).
+    projector = load_projector(folder, hidden)
     return projector.to(dtype), load_head(folder, hidden, dtype), data, stats
 
 
@@ -80,9 +69,9 @@ class ActorCritic(nn.Module):
 
     def __init__(self, lm: nn.Module, critic_lm: nn.Module | None, policy_projector: nn.Module,
                  reward_projector: nn.Module, reward_head: nn.Linear, value_head: nn.Linear, tokenizer,
-                 sft_settings: dict[str, Any], rm_settings: dict[str, Any], rm_config: dict[str, Any], stats,
+                 sft_settings: ModelSettings, rm_settings: ModelSettings, rm_config: dict[str, Any], stats,
                  temperature: float, reward_adapter: str, qlora: bool, dtype_name: str):
-        from train.model import ModelSettings, VideoLMM
+        from train.model import VideoLMM
         from train.reward import RewardModel
 
         super().__init__()
@@ -98,11 +87,11 @@ class ActorCritic(nn.Module):
         shared = critic_lm if critic_lm is not None else lm
         # Plain dict: the views reuse the modules above and must not register them twice.
         self.views = {
-            "policy": VideoLMM(lm, policy_projector, tokenizer, ModelSettings(**sft_settings)),
-            "reward": RewardModel(VideoLMM(shared, reward_projector, tokenizer, ModelSettings(**rm_settings)),
+            "policy": VideoLMM(lm, policy_projector, tokenizer, dataclasses.replace(sft_settings)),
+            "reward": RewardModel(VideoLMM(shared, reward_projector, tokenizer, dataclasses.replace(rm_settings)),
                                   reward_head, context=rm_config["context"],
                                   max_length=int(rm_config["max_length"]), stats=stats),
-            "value": RewardModel(VideoLMM(shared, reward_projector, tokenizer, ModelSettings(**rm_settings)),
+            "value": RewardModel(VideoLMM(shared, reward_projector, tokenizer, dataclasses.replace(rm_settings)),
                                  value_head),
         }
         self.adapters = {"policy": (lm, [SFT_ADAPTER, POLICY_ADAPTER]), "reference": (lm, [SFT_ADAPTER]),
@@ -128,28 +117,28 @@ class ActorCritic(nn.Module):
         from peft import LoraConfig
 
         from dataengine.models import load_tokenizer, resolve_lm
-        from train.model import VideoLMM
+        from train.model import VideoLMM, saved_settings
 
         dtype_name = "bfloat16" if config.precision == "bf16" else "float32"
-        sft_settings = _saved_settings(config.sft)
-        rm_settings = _saved_settings(config.reward_model)
+        sft_settings = saved_settings(config.sft)
+        rm_settings = saved_settings(config.reward_model)
         policy = VideoLMM.load(config.sft, qlora=config.qlora, dtype=dtype_name)
         if load_tokenizer(config.reward_model).get_vocab() != policy.tokenizer.get_vocab():
             raise ValueError(f"{config.reward_model}: the reward model's tokenizer is not the SFT model's "
                              f"({config.sft}); PPO scores the policy's token ids as they are")
         lm = policy.lm
-        targets = list(config.lora_targets) or list(sft_settings["lora_targets"])
+        targets = list(config.lora_targets) or list(sft_settings.lora_targets)
         with _seeded(config.seed):  # train.model's: the caller's RNG state is left untouched
             lm.add_adapter(POLICY_ADAPTER, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                                       lora_dropout=0.0, target_modules=targets, bias="none",
                                                       task_type="CAUSAL_LM"))
-        same_base = resolve_lm(sft_settings["lm"]).resolve() == resolve_lm(rm_settings["lm"]).resolve()
+        same_base = resolve_lm(sft_settings.lm).resolve() == resolve_lm(rm_settings.lm).resolve()
         if same_base:
             lm.load_adapter(config.reward_model, adapter_name=REWARD_ADAPTER, is_trainable=False)
             critic_lm, reward_adapter = None, REWARD_ADAPTER
         else:
             log.info("the reward model's base (%s) is not the SFT model's (%s): the reward and value "
-                     "adapters get a base of their own", rm_settings["lm"], sft_settings["lm"])
+                     "adapters get a base of their own", rm_settings.lm, sft_settings.lm)
             critic = VideoLMM.load(config.reward_model, qlora=config.qlora, dtype=dtype_name)
             critic_lm, reward_adapter = critic.lm, SFT_ADAPTER  # the RM's LoRA is that model's "default"
         shared = critic_lm if critic_lm is not None else lm
@@ -268,7 +257,7 @@ class ActorCritic(nn.Module):
         from safetensors.torch import save_file
 
         from dataengine.schema import write_text_atomic
-        from train.model import FORMAT, MODEL_CONFIG, PROJECTOR_FILE, ModelSettings
+        from train.model import FORMAT, MODEL_CONFIG, PROJECTOR_FILE
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -279,8 +268,8 @@ class ActorCritic(nn.Module):
         save_file(adapter, str(folder / "adapter_model.safetensors"))
         save_file(state["projector"], str(folder / PROJECTOR_FILE), metadata={"format": FORMAT})
         self.tokenizer.save_pretrained(str(folder))
-        settings = ModelSettings(**{**self.sft_settings, "lora_r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-                                    "lora_targets": sorted(targets), "qlora": self.qlora, "dtype": self.dtype_name})
+        settings = dataclasses.replace(self.sft_settings, lora_r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                       lora_targets=sorted(targets), qlora=self.qlora, dtype=self.dtype_name)
         write_text_atomic(folder / MODEL_CONFIG, json.dumps({"format": FORMAT, "settings": asdict(settings)},
                                                             indent=1) + "\n")
         return folder
