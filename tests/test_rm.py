@@ -23,6 +23,7 @@ import torch
 import rm_fixtures
 from dataengine.config import ConfigError, parse_config
 from train import rm
+from train.eval import rm as eval_rm
 from train.reward import RewardModel, RewardStats, as_prompt, bradley_terry_loss, encode_response, with_narrative
 from train.rl import last_valid_index
 
@@ -369,7 +370,7 @@ def test_heldout_accuracy_well_above_chance(reference, pref, capsys):
     assert saved["stats"]["mean"] == pytest.approx(float(scores.mean()), abs=1e-4)
     assert saved["stats"]["std"] == pytest.approx(float(scores.std(unbiased=False)), abs=1e-4)
     # `vlmr eval rm` prints the same numbers.
-    assert rm.eval_main(["--model", str(reference / "model"), "--shards", str(pref["heldout"])]) == 0
+    assert eval_rm.eval_main(["--model", str(reference / "model"), "--shards", str(pref["heldout"])]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["pairs"] == len(held) and printed["accuracy"] == pytest.approx(final["accuracy"])
     # Which signal: the count pairs are balanced (each answer text is chosen on one video and
@@ -430,7 +431,7 @@ def test_two_ranks_zero3_disjoint_pairs_and_heldout_counted_once(pref, capsys):
     assert final["pairs"] == len(held)  # an odd count's repeat on the second rank is not counted
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, steps + 1))
     # Gathered from the ZeRO-3 partitions: one process scores the held-out pairs the same.
-    assert rm.eval_main(["--model", str(out / "model"), "--shards", str(out / "split" / "heldout")]) == 0
+    assert eval_rm.eval_main(["--model", str(out / "model"), "--shards", str(out / "split" / "heldout")]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["pairs"] == len(held) and printed["accuracy"] == pytest.approx(final["accuracy"])
     assert printed["chosen"] == pytest.approx(final["chosen"], abs=1e-4)

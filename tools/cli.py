@@ -33,7 +33,7 @@ GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
         "generative": ("train.eval.run", "generative_main", "the five-criteria generative benchmark"),
         "retrieval": ("train.eval.run", "retrieval_main", "text-to-video retrieval by CLIP score"),
         "action": ("train.eval.run", "action_main", "zero-shot action recognition by CLIP score"),
-        "rm": ("train.rm", "eval_main", "held-out pairwise accuracy of a reward model"),
+        "rm": ("train.eval.rm", "eval_main", "held-out pairwise accuracy of a reward model"),
     },
 }
 
