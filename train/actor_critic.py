@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from train import rl
-from train.model import ModelSettings, _seeded
+from train.model import ModelSettings, seeded
 
 if TYPE_CHECKING:
     from train.ppo import PPOConfig
@@ -128,7 +128,7 @@ class ActorCritic(nn.Module):
                              f"({config.sft}); PPO scores the policy's token ids as they are")
         lm = policy.lm
         targets = list(config.lora_targets) or list(sft_settings.lora_targets)
-        with _seeded(config.seed):  # train.model's: the caller's RNG state is left untouched
+        with seeded(config.seed):  # the caller's RNG state is left untouched
             lm.add_adapter(POLICY_ADAPTER, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                                       lora_dropout=0.0, target_modules=targets, bias="none",
                                                       task_type="CAUSAL_LM"))

@@ -197,7 +197,7 @@ def _lora_config(settings: ModelSettings):
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
+def seeded(seed: int):
     """Deterministic initialisation that leaves the caller's RNG state untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -242,7 +242,7 @@ class VideoLMM(nn.Module):
             settings.projector_act = llava.activation
         base = _load_base(settings)
         hidden = int(base.config.hidden_size)
-        with _seeded(seed):
+        with seeded(seed):
             lm = get_peft_model(base, _lora_config(settings))
             projector = make_projector(settings.feat_dim, hidden, settings.projector_act)
         if llava is not None:
