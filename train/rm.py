@@ -647,9 +647,6 @@ def train(config: RMConfig, ranks) -> dict[str, Any]:
             return None
         return evaluate_heldout(model, eval_source, config, ranks, ids, at_step)
 
-    keys_file = run.root / "keys" / f"rank-{ranks.rank:05d}.tsv"
-    if config.log_keys:
-        keys_file.parent.mkdir(parents=True, exist_ok=True)
     last: dict[str, Any] | None = None
     stopped, first_step = False, step
     counts: dict[str, Any] = {}
@@ -680,8 +677,7 @@ def train(config: RMConfig, ranks) -> dict[str, Any]:
             for k in SUM_KEYS:
                 window[k] += sums[k]
             if config.log_keys:
-                with open(keys_file, "a", encoding="utf-8") as f:
-                    f.write(f"{step}\t{phase.epoch}\t" + " ".join(sums["keys"]) + "\n")
+                run.record_keys(step, phase.epoch, sums["keys"])
             if step % config.log_every == 0 or phase_step == phase.steps:
                 last = log_metrics(run, step, total_steps, phase.epoch, lr, window, step - first_step)
                 window = dict.fromkeys(SUM_KEYS, 0.0)

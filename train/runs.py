@@ -150,6 +150,14 @@ class Run:
                     self.writer.add_scalar(f"train/{name}", value, metrics["step"])
             self.writer.flush()
 
+    def record_keys(self, step: int, tag: Any, keys: Sequence[str]) -> None:
+        """Every rank: the sample keys a step trained on (``--log-keys``), for checking which
+        data each rank saw and that a resumed run sees the same."""
+        path = self.root / "keys" / f"rank-{self.ranks.rank:05d}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{step}\t{tag}\t" + " ".join(keys) + "\n")
+
     def lap(self) -> float:
         """Seconds since the previous lap (or the start): the time a metrics window took."""
         now = time.perf_counter()

@@ -377,9 +377,6 @@ def train(config: SFTConfig, ranks) -> dict[str, Any]:
         state, rank_state = resumed
         step, phase_index, phase_step, loader_state = (state["step"], state["phase"], state["phase_step"],
                                                        rank_state["loader"])
-    keys_file = run.root / "keys" / f"rank-{ranks.rank:05d}.tsv"
-    if config.log_keys:
-        keys_file.parent.mkdir(parents=True, exist_ok=True)
     last: dict[str, Any] | None = None
     stopped, first_step = False, step
 
@@ -410,8 +407,7 @@ def train(config: SFTConfig, ranks) -> dict[str, Any]:
             for k in WINDOW_KEYS:
                 window[k] += sums[k]
             if config.log_keys:
-                with open(keys_file, "a", encoding="utf-8") as f:
-                    f.write(f"{step}\t{phase.stage}\t" + " ".join(sums["keys"]) + "\n")
+                run.record_keys(step, phase.stage, sums["keys"])
             if step % config.log_every == 0 or phase_step == phase.steps:
                 last = log_metrics(run, step, total_steps, phase.stage, lr, window, window_steps, step - first_step)
                 window, window_steps = dict.fromkeys(WINDOW_KEYS, 0.0), 0
