@@ -13,11 +13,13 @@ that need a model (the math ones are in tests/test_rl.py):
 
 Slow tests run on the synthetic world (the fixture ``world_models``): shards built by
 `build-shards`, a policy from 30 SFT steps on the easy stage, and a reward model trained
-here from that SFT model with the Bradley–Terry loss of ``train.reward`` on ground-truth
-preferences — the true answer over another video's answer, or over babble of random tokens.
-The RM recipe (``train/rm.py``) is not run, to keep the fixture to seconds; the folder is
-the one it writes (``RewardModel.save``, with reward statistics). Then: the mean reward
-rises while KL stays bounded; resume equals an uninterrupted run; two ranks under torchrun.
+here from that SFT model with the Bradley–Terry loss of ``train.reward`` on pairs that differ
+in one token: an answer the SFT policy sampled, with and without a "favourite" token that
+about half of its answers hold and no prompt does. The RM recipe (``train/rm.py``) is not run,
+to keep the fixture to seconds; the folder is the one it writes (``RewardModel.save``, with
+reward statistics). Then: the final policy says the favourite far more often than the SFT
+policy and the RM scores it higher, while KL stays bounded; resume equals an uninterrupted
+run; two ranks under torchrun.
 """
 
 from __future__ import annotations
@@ -428,12 +430,13 @@ def world_models(synth_world, tmp_path_factory):
     return build_world_models(synth_world, tmp_path_factory.mktemp("ppo_world"))
 
 
-def build_world_models(world: Path, root: Path, seed: int = 0) -> SimpleNamespace:
+def build_world_models(world: Path, root: Path, seed: int = 0, favourite_share: float = 0.5) -> SimpleNamespace:
     """Prompt shards from the synthetic world; a policy after a few SFT steps on the easy stage;
     a reward model with a strong, simple preference: responses that contain one token.
 
-    The token (``favourite``) is one the SFT policy already samples in some of its answers,
-    so PPO can find it and say it more. An RM trained on true-vs-wrong answers gave a signal
+    The token (``favourite``) is one the SFT policy already samples in about ``favourite_share``
+    of its answers (so PPO finds it often, and a rollout's rewards vary most) and no prompt
+    holds (so the RM learns the preference within tens of steps). An RM trained on true-vs-wrong answers gave a signal
     too weak for a learning test: its reward went from -1.2055 to -1.2060 on one CPU and rose
     on another (issue 14.3)."""
     from dataengine import build
@@ -467,9 +470,13 @@ def build_world_models(world: Path, root: Path, seed: int = 0) -> SimpleNamespac
     prompts = [s["json"]["conversations"][0]["value"] for s in samples]
     said = sft.generate(torch.stack([s["feat"] for s in samples]), prompts, max_new_tokens=12, temperature=1.0,
                         do_sample=True, seed=seed).token_ids
+    # Candidates are tokens no prompt holds (the chat template's system line included): the RM
+    # learns "the favourite is in the answer" quickly only when the answer is the only place it
+    # is. Seed 1 once picked " the", which every prompt holds: 400 RM steps left it at chance.
     special = set(sft.tokenizer.all_special_ids)
-    share = collections.Counter(t for answer in said for t in set(answer) if t not in special)
-    favourite = min(share, key=lambda t: (abs(share[t] / len(said) - 0.2), t))
+    in_prompts = {t for p in prompts for t in sft.chat.prompt_ids(p)}
+    share = collections.Counter(t for answer in said for t in set(answer) if t not in special | in_prompts)
+    favourite = min(share, key=lambda t: (abs(share[t] / len(said) - favourite_share), t))
 
     rm = RewardModel.from_sft(root / "sft", seed=seed)
     optimizer = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=5e-3)
@@ -493,7 +500,8 @@ def build_world_models(world: Path, root: Path, seed: int = 0) -> SimpleNamespac
         return float((r[:, :8] > r[:, 8:]).float().mean()), r
 
     # The preference is learnt suddenly, after a plateau whose length depends on the seed and
-    # the CPU's kernels (measured: 40 to 120+ steps): train until it is, checked every 40 steps.
+    # the CPU's kernels (measured with a token outside the prompts: under 40 steps for seeds
+    # 0-2): train until it is, checked every 40 steps.
     for step in range(1, 401):
         chunk = rng.sample(samples, 8)
         r = scores(chunk, [pair(s) for s in chunk])
@@ -508,7 +516,7 @@ def build_world_models(world: Path, root: Path, seed: int = 0) -> SimpleNamespac
     rm.stats = RewardStats.from_sums(len(r), float(r.sum()), float((r ** 2).sum()), source="test fixture")
     rm.save(root / "rm")
     return SimpleNamespace(root=root, shards=shards, sft=root / "sft", rm=root / "rm", favourite=favourite,
-                           share=share[favourite] / len(said), rm_accuracy=accuracy)
+                           share=share[favourite] / len(said), rm_accuracy=accuracy, rm_steps=step)
 
 
 def ppo_argv(world, output, *extra):
@@ -524,30 +532,61 @@ LEARNING_METRICS = ("reward_raw", "reward", "kl", "kl_coef", "entropy", "pg_loss
                     "response_len", "eos_rate")
 
 
+def sampled_answers(world, folder: Path, draws: int = 4) -> SimpleNamespace:
+    """The policy in ``folder`` answering every prompt of the world ``draws`` times (fixed sampling
+    seeds, so two policies are compared on the same draws): per answer, whether it holds the
+    favourite, and the fixture's RM score normalised as PPO's reward (the no-EOS penalty aside)."""
+    from dataengine.reader import ShardReader
+    from train.model import VideoLMM
+    from train.reward import RewardModel
+
+    samples = list(ShardReader(world.shards, stages=["easy", "hard"], shuffle="none", fields=("json", "feat")))
+    feat = [s["feat"] for s in samples]
+    prompts = [s["json"]["conversations"][0]["value"] for s in samples]
+    policy, rm = VideoLMM.load(folder), RewardModel.load(world.rm)
+    holds, reward = [], []
+    with torch.no_grad():
+        for draw in range(draws):
+            said = policy.generate(feat, prompts, max_new_tokens=12, temperature=1.0, do_sample=True,
+                                   seed=1000 + draw).token_ids
+            holds += [world.favourite in answer for answer in said]
+            reward.append(rm.normalise(rm.score(feat, prompts, said)))
+    return SimpleNamespace(share=sum(holds) / len(holds), reward=torch.cat(reward))
+
+
 @pytest.mark.slow
 def test_end_to_end_reward_rises_with_bounded_kl(world_models, tmp_path):
-    """The recipe learns what its reward model wants, by a wide margin: the fixture's RM prefers
-    answers holding one token the SFT policy says in about a fifth of its answers; normalised
-    the mean normalised reward of the last third of 12 steps beat the first third's by 0.66-1.5
-    where measured (0.3 asserted), with KL a few nats. (Checked with
-    other seeds, ATEN_CPU_CAPABILITY=default/avx2 and 1 or 2 threads: see the trainers' notes.)"""
+    """The recipe learns what its reward model wants, by a wide margin, on any CPU: the fixture's
+    RM prefers answers holding one token that about half of the SFT policy's answers hold. Six
+    steps of 32 prompts; then the final policy and the SFT policy answer the same 192 sampled
+    prompts (same seeds) and the RM scores both. Measured (seeds 0-2, 1 and 2 threads,
+    ATEN_CPU_CAPABILITY default/avx2; see the notes of issue 14.3): the favourite's share went
+    from 0.2-0.45 to 0.9-1.0 and the mean normalised reward rose by 1-2; asserted: +0.25 and +0.5."""
     from train.model import VideoLMM
 
+    # Why a failure here would not be PPO's: the SFT policy says the favourite sometimes, and the
+    # RM has learnt to prefer it.
+    assert 0.2 <= world_models.share <= 0.8, f"SFT policy's share of answers with the favourite: {world_models.share}"
+    assert world_models.rm_accuracy > 0.9, (f"fixture RM's held-out pair accuracy: {world_models.rm_accuracy} "
+                                            f"after {world_models.rm_steps} steps")
     out = tmp_path / "run"
-    assert world_models.rm_accuracy > 0.9  # the preference is learnt before PPO starts
     # The demo config's LR is tuned for the demo's near-noise reward model; this RM has a signal.
-    assert ppo.main(ppo_argv(world_models, out, "--lr", "2e-3")) == 0
+    # 32 prompts a step (4x the demo's) make each step's advantage estimate far less noisy; β 0.3
+    # (not 0.1) held KL under 2 where 0.1 let one seed reach 10 by step 6.
+    assert ppo.main(ppo_argv(world_models, out, "--lr", "2e-3", "--kl-coef", "0.3", "--rollout-batch", "32",
+                             "--step-batch", "16", "--micro-batch", "4", "--generation-batch", "32",
+                             "--max-steps", "6", "--epochs", "8")) == 0
     metrics = read_metrics(out)
-    assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1)) and len(metrics) >= 8
-    rewards = [m["reward"] for m in metrics]
-    third = len(metrics) // 3
-    early, late = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
-    assert late > early + 0.3, rewards
+    assert [m["step"] for m in metrics] == list(range(1, 7))
     assert all(abs(m["kl"]) < 10 for m in metrics), [m["kl"] for m in metrics]
     for m in metrics:
         assert all(k in m for k in LEARNING_METRICS + ("time_generate", "time_score", "time_train"))
-    policy = VideoLMM.load(out / "model")
-    assert policy.settings.lora_r == 32 + 64
+    assert VideoLMM.load(out / "model").settings.lora_r == 32 + 64
+
+    before, after = sampled_answers(world_models, world_models.sft), sampled_answers(world_models, out / "model")
+    assert after.share > before.share + 0.25, (before.share, after.share)
+    gain = after.reward - before.reward  # paired: the same prompt and sampling seed
+    assert float(gain.mean()) > 0.5, (float(before.reward.mean()), float(after.reward.mean()))
 
 
 @pytest.mark.slow
