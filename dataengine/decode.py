@@ -300,7 +300,10 @@ def run_ffmpeg(node, path: Path, timeout: float) -> tuple[int, bytes, bytes, lis
 def _blame(path: Path, stream: int | None, detail: str, timeout: float) -> None:
     """Raise the right error for a failure of ours on ``path``: the input's fault or ours."""
     code, _, err, command = run_ffmpeg(full_decode_command(path, stream), path, timeout)
-    if code == 0 and not err.strip():
+    # Lines a linked runtime prints about the environment (libgomp on a bad OMP_NUM_THREADS)
+    # say nothing about the video.
+    complaints = [line for line in err.splitlines() if line.strip() and not line.startswith(b"libgomp:")]
+    if code == 0 and not complaints:
         raise InternalDecodeError(path, f"{detail}, yet a full ffmpeg decode reads the video cleanly", command)
     raise DecodeError("corrupt", path, _last_line(err, path) or detail)
 

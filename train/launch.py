@@ -74,8 +74,11 @@ def setup_distributed() -> dist.Ranks:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if int(os.environ["WORLD_SIZE"]) == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # A world of one rendezvous with nobody: its store takes a port free now. An inherited
+        # MASTER_PORT (a parent that ran a trainer in-process still listens there) fails with
+        # EADDRINUSE. torchrun's workers are left alone: they join the agent's store.
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     import deepspeed
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
