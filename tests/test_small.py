@@ -102,6 +102,25 @@ def test_summary_from_stage_outputs(tmp_path):
     assert [relabelled[k]["judge"]["judge_agreed_with_truth"] for k in ("p0", "p1", "p2")] == [True, False, True]
 
 
+def test_summary_when_the_judge_kept_no_pair(tmp_path):
+    """The demo stops before the reward model when every pair was dropped: the verdict still
+    says what the judge did (its mass on the letters from the dropped pairs) and has no PPO."""
+    run = tmp_path / "run"
+    _write_pairs(run / "pairs", [])
+    (run / "pairs" / "summary.json").write_text(json.dumps({"outcomes": {"dropped_disagreement": 2}}))
+    dropped = [{"key": f"k{i}", "reason": "dropped_disagreement", "p_a_first": 0.9, "p_a_swapped": 0.8,
+                "ab_mass": [0.6, 0.2]} for i in range(2)]
+    (run / "pairs" / "failures.jsonl").write_text("".join(json.dumps(x) + "\n" for x in dropped))
+    (run / "eval" / "sft").mkdir(parents=True)
+    (run / "eval" / "sft" / "results.jsonl").write_text(json.dumps({"video_id": "v0", "correct": True}) + "\n")
+    summary = ds.summarize(run, seconds=1.0)
+    assert summary["models"]["ppo"] is None and summary["models"]["sft"]["accuracy"] == 1.0
+    assert summary["judge"] == {"ab_mass": pytest.approx(0.4), "position_agreement": 0.0,
+                                "truth_agreement": None, "pairs": 0}
+    assert summary["rm"] == {"heldout_accuracy": None, "truth_accuracy": None}
+    assert "ppo     not trained" in ds.format_summary(summary)
+
+
 # ------------------------------------------------------------------------------ small, end to end
 
 def _has_small_packages() -> bool:

@@ -61,28 +61,39 @@ $VLMR judge --config $C/judge_small.yaml --model "$RUN/sft/model" \
   --in "$RUN/narrated" --out "$RUN/pairs" --overwrite "${JUDGE[@]}"
 $VLMR inspect "$RUN/pairs"
 
-echo "== 7. reward model from the preferences (a quarter of the videos held out)"
-$VLMR train rm --config $C/rm_small.yaml --shards "$RUN/pairs" --model "$RUN/sft/model" \
-  --output "$RUN/rm" --overwrite "${RM[@]}"
-echo "   ... and on the same held-out pairs labelled by the world's ground truth"
-rm -rf "$RUN/truth-pairs" "$RUN/rm/truth_eval.json"
-$PYTHON -m train.demo_summary truth-pairs --pairs "$RUN/rm/split/heldout" --out "$RUN/truth-pairs"
-if [ "$($PYTHON -c 'import json, sys; print(json.load(open(sys.argv[1]))["samples"])' "$RUN/truth-pairs/manifest.json")" -gt 0 ]; then
-  $VLMR eval rm --model "$RUN/rm/model" --shards "$RUN/truth-pairs" --output "$RUN/rm/truth_eval.json"
+KEPT=$($PYTHON -c 'import json, sys; print(json.load(open(sys.argv[1]))["samples"])' "$RUN/pairs/manifest.json")
+MODELS=("$RUN/sft")
+if [ "$KEPT" -eq 0 ]; then
+  # Every judged pair's two orders disagreed (or its answers were equal): the SFT model is not yet
+  # a judge that sees which answer is better. Training a reward model on nothing would crash, and
+  # keeping disagreeing pairs would train it on position bias; the demo says so and goes on to
+  # measure the SFT model. RUN/pairs/failures.jsonl holds what the judge said of each pair.
+  echo "== 7-8. skipped: the judge kept no pair (see $RUN/pairs/summary.json); no reward model, no PPO"
+  rm -rf "$RUN/rm" "$RUN/ppo"
 else
-  echo "   no held-out pair has one answer the ground truth prefers: not measured"
+  echo "== 7. reward model from the preferences (a quarter of the videos held out)"
+  $VLMR train rm --config $C/rm_small.yaml --shards "$RUN/pairs" --model "$RUN/sft/model" \
+    --output "$RUN/rm" --overwrite "${RM[@]}"
+  echo "   ... and on the same held-out pairs labelled by the world's ground truth"
+  rm -rf "$RUN/truth-pairs" "$RUN/rm/truth_eval.json"
+  $PYTHON -m train.demo_summary truth-pairs --pairs "$RUN/rm/split/heldout" --out "$RUN/truth-pairs"
+  if [ "$($PYTHON -c 'import json, sys; print(json.load(open(sys.argv[1]))["samples"])' "$RUN/truth-pairs/manifest.json")" -gt 0 ]; then
+    $VLMR eval rm --model "$RUN/rm/model" --shards "$RUN/truth-pairs" --output "$RUN/rm/truth_eval.json"
+  else
+    echo "   no held-out pair has one answer the ground truth prefers: not measured"
+  fi
+
+  echo "== 8. PPO against the reward model (QLoRA policy on the 4-bit base)"
+  $VLMR train ppo --config $C/ppo_small.yaml --shards "$RUN/shards" --sft "$RUN/sft/model" \
+    --reward-model "$RUN/rm/model" --output "$RUN/ppo" --overwrite "${PPO[@]}"
+  MODELS+=("$RUN/ppo")
 fi
-
-echo "== 8. PPO against the reward model (QLoRA policy on the 4-bit base)"
-$VLMR train ppo --config $C/ppo_small.yaml --shards "$RUN/shards" --sft "$RUN/sft/model" \
-  --reward-model "$RUN/rm/model" --output "$RUN/ppo" --overwrite "${PPO[@]}"
-
 echo "== 9. SFT vs PPO on held-out synthetic videos (exact scoring, no judge)"
 $VLMR synth --out "$RUN/world-eval" --videos $EVAL_VIDEOS --seed 1
 $VLMR build-shards --annotations "$RUN/world-eval/annotations.json" --videos "$RUN/world-eval/videos" \
   --out "$RUN/shards-eval" --encoder small --tokenizer small --frames $FRAMES --clips 0 --workers 2
 $VLMR eval synthetic --config $C/eval_synthetic_small.yaml --shards "$RUN/shards-eval" \
-  --world "$RUN/world-eval" --models "$RUN/sft" "$RUN/ppo" --output "$RUN/eval" "${EVAL[@]}"
+  --world "$RUN/world-eval" --models "${MODELS[@]}" --output "$RUN/eval" "${EVAL[@]}"
 
 echo "== 10. the verdict"
 $PYTHON -m train.demo_summary summarize --run "$RUN" --seconds $((SECONDS - START))

@@ -126,7 +126,10 @@ def model_summary(results_path: Path, seed: int = 0) -> dict[str, Any]:
 def pair_records(pairs: str | Path) -> list[dict[str, Any]]:
     """The ``json`` member of every pair in a preference shard set."""
     from dataengine.reader import ShardReader
+    from dataengine.schema import Manifest
 
+    if Manifest.load(pairs).samples == 0:  # a judge that kept no pair (the reader refuses an empty set)
+        return []
     return [s["json"] for s in ShardReader(str(pairs), stages=["pairs"], shuffle="none", fields=("json",))]
 
 
@@ -137,6 +140,11 @@ def judge_summary(pairs_dir: Path) -> dict[str, Any]:
     judged = agreed + outcomes.get("kept_soft", 0) + outcomes.get("dropped_disagreement", 0)
     records = pair_records(pairs_dir)
     masses = [m for r in records for m in (r.get("judge", {}).get("ab_mass") or [])]
+    # Dropped pairs were judged too: their asks' mass on the letters is in failures.jsonl.
+    failures = pairs_dir / "failures.jsonl"
+    if failures.exists():
+        masses += [m for f in read_jsonl(failures) if f.get("reason") == "dropped_disagreement"
+                   for m in (f.get("ab_mass") or [])]
     prefs = [truth_preference(r.get("qtype", ""), r["reference"], r["chosen"], r["rejected"]) for r in records]
     decided = [p for p in prefs if p != 0]
     return {"ab_mass": float(np.mean(masses)) if masses else None,
@@ -154,7 +162,9 @@ def rm_summary(rm_dir: Path) -> dict[str, Any]:
 
 
 def summarize(run: Path, seconds: float, models: Sequence[str] = ("sft", "ppo")) -> dict[str, Any]:
-    return {"models": {name: model_summary(run / "eval" / name / "results.jsonl") for name in models},
+    """The verdict; a model the demo did not get to (no PPO when the judge kept no pair) is null."""
+    results = {name: run / "eval" / name / "results.jsonl" for name in models}
+    return {"models": {name: model_summary(path) if path.exists() else None for name, path in results.items()},
             "judge": judge_summary(run / "pairs"), "rm": rm_summary(run / "rm"), "seconds": round(seconds, 1)}
 
 
@@ -164,6 +174,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
     lines = ["model   accuracy   95 % CI (videos)      samples"]
     for name, m in summary["models"].items():
+        if m is None:
+            lines.append(f"{name:<7} not trained (see above)")
+            continue
         lo, hi = m["ci95"]
         lines.append(f"{name:<7} {pct(m['accuracy']):>8}   [{pct(lo)}, {pct(hi)}]   {m['samples']:>7}")
     j, r = summary["judge"], summary["rm"]
