@@ -112,4 +112,8 @@ def test_tensorboard_writes_the_metrics_when_installed(tmp_path):
                    plan_fields=())
     run.log({"step": 1, "loss": 2.0, "stage": "easy"}, "line")
     run.close()
-    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.0)]
+    assert "train/stage" not in events.Tags()["scalars"]  # only numbers are scalars
