@@ -22,6 +22,11 @@
         audio_only  an .m4a with one AAC stream and no video        -> "no_video_stream"
 
     ``BrokenVideo`` is a NamedTuple, so ``for name, (path, reason) in broken_videos.items()``.
+
+``one_thread`` (module scope)
+    Torch on one intra-op thread for the rest of the module: on shared, busy cores, two spinning
+    OpenMP threads per op make the tiny models tens of times slower. Files that run models take
+    it for every test with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,16 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class BrokenVideo(NamedTuple):

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,14 +78,6 @@ def shared_sft_model(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def one_thread():
-    """Torch on one thread for a test: on shared, busy cores, two spinning OpenMP threads per
-    op make the tiny model's generation tens of times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------ narrate

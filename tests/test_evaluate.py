@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from llm_stub_server import Reply, StubChatServer
 
 from dataengine import build
@@ -29,19 +28,13 @@ from train import metrics
 from train.eval import answering, configs, judging, run, tasks
 from train.prompt_files import load_prompt
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 6
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny models are far faster on one thread when the two cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_json(path: Path, data) -> Path:

@@ -21,7 +21,6 @@ from dataengine import schema, synth
 from dataengine.config import parse_config
 from dataengine.inspection import open_shard_set
 from dataengine.verify import verify
-from judge_fixtures import one_thread  # noqa: F401  (a fixture)
 from judge_fixtures import ClipSignatureCaptioner, InjectedKill, PositionJudge, TruthJudge, TruthSampler, \
     run_both, shared_prompt_shards, shared_sft_model
 from train import judge, narrate

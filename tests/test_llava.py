@@ -20,15 +20,9 @@ from checkpoints import LLAMA, write_tokenizer
 
 from train.model import ModelSettings, VideoLMM, llava_layout
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FEAT = 48  # the vision width (1024 for CLIP ViT-L/14-336), scaled down
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _llama(folder: Path):

@@ -13,6 +13,8 @@ from train import conversation
 from train.conversation import IGNORE_INDEX
 from train.model import LORA_TARGETS, ModelSettings, VideoLMM, collate, default_lora_targets, suppress_token, token_nll
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROWS, DIM = 24, 64
 
 
@@ -26,15 +28,6 @@ def _sample(i: int, answer: str, rows: int = ROWS, seed: int = 0) -> dict:
 SAMPLES = [_sample(0, "A red circle moves left."),
            _sample(1, "A blue square moves up. Then the square moves up. Then it spins."),
            _sample(2, "Yes.")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

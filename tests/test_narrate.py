@@ -19,7 +19,6 @@ from dataengine.config import parse_config
 from dataengine.inspection import open_shard_set
 from dataengine.verify import verify
 from dataengine.reader import ShardReader
-from judge_fixtures import one_thread  # noqa: F401  (a fixture)
 from judge_fixtures import CLIPS, ClipSignatureCaptioner, InjectedKill, shared_prompt_shards, shared_sft_model, \
     signature
 from train import narrate, shardpass
