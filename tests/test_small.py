@@ -146,7 +146,7 @@ def test_every_stage_runs_on_small(tmp_path):
                      "pairs/manifest.json", "rm/model", "ppo/model/vlmr_model.json",
                      "eval/sft/results.jsonl", "eval/ppo/results.jsonl", "summary.json"):
         assert (run / produced).exists(), produced
-    assert json.loads((run / "sft" / "model" / "vlmr_model.json").read_text())["lm"] == "small"
+    assert json.loads((run / "sft" / "model" / "vlmr_model.json").read_text())["settings"]["lm"] == "small"
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) == {"models", "judge", "rm", "seconds"}
     assert set(summary["models"]) == {"sft", "ppo"}
