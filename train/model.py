@@ -517,15 +517,20 @@ def make_projector(feat_dim: int, hidden: int, activation: str = "relu") -> nn.S
     return nn.Sequential(nn.Linear(feat_dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, hidden))
 
 
+def read_saved_json(folder: str | os.PathLike, name: str, fmt: str, what: str) -> dict[str, Any]:
+    """A saved folder's JSON file ``name``, checked to be there and to hold format ``fmt``."""
+    config_path = Path(folder) / name
+    if not config_path.exists():
+        raise FileNotFoundError(f"{folder}: no {name} (not a saved {what})")
+    data = json.loads(config_path.read_text())
+    if data.get("format") != fmt:
+        raise ValueError(f"{config_path}: unknown format {data.get('format')!r}, expected {fmt!r}")
+    return data
+
+
 def saved_settings(folder: str | os.PathLike) -> ModelSettings:
     """The :class:`ModelSettings` of a saved model folder (its ``vlmr_model.json``)."""
-    config_path = Path(folder) / MODEL_CONFIG
-    if not config_path.exists():
-        raise FileNotFoundError(f"{folder}: no {MODEL_CONFIG} (not a saved VideoLMM)")
-    data = json.loads(config_path.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: unknown format {data.get('format')!r}, expected {FORMAT!r}")
-    return ModelSettings(**data["settings"])
+    return ModelSettings(**read_saved_json(folder, MODEL_CONFIG, FORMAT, "VideoLMM")["settings"])
 
 
 def load_projector(folder: str | os.PathLike, hidden: int) -> nn.Sequential:

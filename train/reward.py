@@ -362,13 +362,9 @@ class RewardModel(nn.Module):
 
 def read_reward_config(folder: str | os.PathLike) -> dict[str, Any]:
     """A saved reward model's ``reward_model.json`` (format, context, max_length, stats), checked."""
-    config_path = Path(folder) / REWARD_CONFIG
-    if not config_path.exists():
-        raise FileNotFoundError(f"{folder}: no {REWARD_CONFIG} (not a saved reward model)")
-    data = json.loads(config_path.read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{config_path}: unknown format {data.get('format')!r}, expected {FORMAT!r}")
-    return data
+    from train.model import read_saved_json
+
+    return read_saved_json(folder, REWARD_CONFIG, FORMAT, "reward model")
 
 
 def load_head(folder: str | os.PathLike, hidden: int, dtype: torch.dtype, *, trainable: bool = False) -> nn.Linear:
